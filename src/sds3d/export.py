@@ -1,0 +1,190 @@
+"""From a trained NeRF to files a person can open: a mesh (glb/ply/obj) and a turntable.
+
+Mesh extraction. The density is sampled on a grid over the scene cube and meshed by marching
+cubes (scikit-image). The iso-level is chosen from what the cameras actually see: from a ring of
+views we take the rendered silhouette S_r = {rays with opacity > 0.5} and, for a candidate level ℓ,
+the silhouette of the level set S_ℓ = {rays whose largest sampled density exceeds ℓ}; ℓ maximises
+IoU(S_ℓ, S_r). Low-density haze that never makes a pixel opaque enlarges S_ℓ at low ℓ and so is
+rejected, and only the largest connected component of {τ > ℓ} is kept. An empty scene is an error,
+never a silent empty file.
+
+Axes. The world is +Z up. glTF is +Y up (glTF 2.0 §3.4), so `mesh.glb` and `mesh.obj` (read as
++Y up by Blender and most viewers) are rotated by −90° about X: (x, y, z) → (x, z, −y).
+`mesh.ply` stays in world coordinates (+Z up), for analysis against the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sds3d.cameras import orbit_cameras, turntable_cameras
+from sds3d.errors import UserError
+from sds3d.render.volume import render
+from sds3d.representations.nerf import Background, HashGridNeRF
+
+# (x, y, z) +Z up → (x, z, −y) +Y up.
+Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+OPAQUE = 0.5  # a pixel counts as seen when its opacity exceeds this
+# The iso-level views alternate high and low so that tops and bottoms are both seen.
+ISO_HIGH_ELEVATION_DEG, ISO_LOW_ELEVATION_DEG = 70.0, -5.0
+
+
+@dataclass
+class ExportConfig:
+    grid_resolution: int = 96
+    iso_views: int = 8
+    iso_view_resolution: int = 48
+    iso_candidates: int = 40
+    keep_largest_component: bool = True
+    turntable_frames: int = 36
+    turntable_resolution: int = 128
+    turntable_elevation_deg: float = 20.0
+    view_radius: float = 2.5
+    view_fovy_deg: float = 40.0
+    num_samples: int = 96
+
+
+class EmptySceneError(UserError):
+    """The NeRF has no surface any camera sees: nothing to export."""
+
+
+@dataclass
+class MeshOutput:
+    vertices: np.ndarray  # [V, 3] world units, +Z up
+    faces: np.ndarray  # [F, 3]
+    colors: np.ndarray  # [V, 3] uint8 albedo
+    iso_level: float
+    silhouette_iou: float  # agreement of the mesh's silhouettes with the rendered opacity
+
+
+@torch.no_grad()
+def density_grid(nerf: HashGridNeRF, resolution: int, chunk: int = 2**18) -> np.ndarray:
+    """Density [R, R, R] (index order x, y, z) at the grid corners linspace(−bound, bound, R)."""
+    b = nerf.config.bound
+    c = torch.linspace(-b, b, resolution)
+    pts = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), dim=-1).reshape(-1, 3)
+    dev = next(nerf.parameters()).device
+    out = torch.cat([nerf.density(pts[i : i + chunk].to(dev)).cpu() for i in range(0, pts.shape[0], chunk)])
+    return out.reshape(resolution, resolution, resolution).numpy()
+
+
+@torch.no_grad()
+def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportConfig, grid: np.ndarray) -> tuple[float, float]:
+    """The level whose silhouettes best match the rendered opacity (module docstring). → (ℓ, IoU)."""
+    n, res = config.iso_views, config.iso_view_resolution
+    azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    elevation = torch.tensor([ISO_HIGH_ELEVATION_DEG, ISO_LOW_ELEVATION_DEG]).repeat((n + 1) // 2)[:n]
+    full = lambda v: torch.full((n,), float(v))
+    cams = orbit_cameras(elevation, azimuth, full(config.view_radius), full(config.view_fovy_deg), res, res)
+    dev = next(nerf.parameters()).device
+    out = render(nerf, background, cams.to(dev), config.num_samples, random_background=False)
+    seen = (out.opacity.flatten() > OPAQUE).cpu()
+    if not bool(seen.any()):
+        raise EmptySceneError(
+            f"the scene is empty: no pixel of {config.iso_views} views reaches opacity {OPAQUE} "
+            f"(largest {out.opacity.max().item():.3f}); nothing to export"
+        )
+    ray_max = out.sample_density.amax(dim=1).cpu()  # [R]
+    lo = max(float(np.percentile(grid, 50)), 1e-3)
+    hi = float(ray_max[seen].max())
+    if hi <= lo:
+        hi = lo * 2
+    best, best_iou = lo, -1.0
+    for level in np.geomspace(lo, hi, config.iso_candidates):
+        pred = ray_max > level
+        iou = float((pred & seen).sum()) / max(float((pred | seen).sum()), 1.0)
+        if iou > best_iou:
+            best, best_iou = float(level), iou
+    return best, best_iou
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+@torch.no_grad()
+def extract_mesh(nerf: HashGridNeRF, background: Background, config: ExportConfig) -> MeshOutput:
+    from skimage.measure import marching_cubes
+
+    grid = density_grid(nerf, config.grid_resolution)
+    level, sil_iou = choose_iso_level(nerf, background, config, grid)
+    mask = grid > level
+    if config.keep_largest_component:
+        mask = largest_component(mask)
+    if mask.sum() == 0:
+        raise EmptySceneError(f"no density above the chosen iso-level {level:.3g}; nothing to export")
+    # Pad with empty space so every surface closes, and zero the discarded components.
+    field = np.pad(np.where(mask, grid, np.minimum(grid, level * 0.5)), 1, constant_values=0.0)
+    verts, faces, _, _ = marching_cubes(field, level=level)
+    b, r = nerf.config.bound, config.grid_resolution
+    verts = (verts - 1) * (2 * b / (r - 1)) - b
+    dev = next(nerf.parameters()).device
+    albedo = nerf(torch.from_numpy(verts).float().to(dev)).albedo.cpu().numpy()
+    colors = np.clip(albedo * 255 + 0.5, 0, 255).astype(np.uint8)
+    faces = faces.astype(np.int64)
+    if _signed_volume(verts, faces) < 0:
+        faces = faces[:, ::-1].copy()
+    return MeshOutput(verts.astype(np.float32), faces, colors, level, sil_iou)
+
+
+def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
+
+
+def write_mesh(mesh: MeshOutput, out_dir: Path) -> dict[str, Path]:
+    """mesh.ply (+Z up, world), mesh.glb and mesh.obj (+Y up). Vertex colours in all three."""
+    import trimesh
+
+    rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
+    world = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=rgba, process=False)
+    y_up = trimesh.Trimesh(mesh.vertices @ Z_UP_TO_Y_UP.T, mesh.faces, vertex_colors=rgba, process=False)
+    paths = {"ply": out_dir / "mesh.ply", "glb": out_dir / "mesh.glb", "obj": out_dir / "mesh.obj"}
+    world.export(paths["ply"])
+    y_up.export(paths["glb"])
+    y_up.export(paths["obj"])
+    return paths
+
+
+@torch.no_grad()
+def render_turntable(nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: str = "albedo") -> np.ndarray:
+    """[N, H, W, 3] uint8 frames of a fixed orbit (starting at the front, azimuth 0°)."""
+    res = config.turntable_resolution
+    cams = turntable_cameras(config.turntable_frames, config.turntable_elevation_deg, config.view_radius,
+                             config.view_fovy_deg, res, res)  # fmt: skip
+    dev = next(nerf.parameters()).device
+    frames = []
+    for i in range(len(cams)):
+        cam = cams[i].to(dev)
+        lights = cam.position * 1.5 if shading != "albedo" else None
+        with torch.enable_grad():  # normals need autograd of the density
+            out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
+                         random_background=False)  # fmt: skip
+        frames.append((out.rgb.detach()[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+    return np.stack(frames)
+
+
+def write_turntable(frames: np.ndarray, out_dir: Path, fps: int = 12) -> list[Path]:
+    """turntable.gif, and turntable.mp4 when imageio-ffmpeg is installed."""
+    import imageio.v2 as imageio
+
+    paths = [out_dir / "turntable.gif"]
+    imageio.mimsave(paths[0], list(frames), duration=1.0 / fps, loop=0)
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return paths
+    paths.append(out_dir / "turntable.mp4")
+    imageio.mimsave(paths[1], list(frames), fps=fps, macro_block_size=1)
+    return paths

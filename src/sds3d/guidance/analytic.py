@@ -1,0 +1,170 @@
+"""Two priors with exact ε̂ and no training, for tests and the CPU smoke path.
+
+Both are pixel-space priors over [−1, 1] images at a fixed resolution, with DDPM's schedule.
+
+Gaussian prior. p_y = N(μ_y, s²I) per prompt (and N(μ_∅, s²I) for ""). Then
+p_t = N(α_t μ, v_t I), v_t = α_t² s² + σ_t², and the exact noise prediction is
+    ε*(x_t) = σ_t (x_t − α_t μ)/v_t.
+Under CFG the expected SDS gradient is (α_t σ_t/v_t)(x − m) with m = μ_y + (s − 1)(μ_y − μ_∅),
+so SDS drives every particle to the single point m for any w(t) (methods.md, test T1).
+
+Empirical prior. p_y is uniform over a finite set {x_i} of ground-truth renders of the prompt's
+synthetic-world object (for a view-suffixed prompt, the renders from that view). The
+minimum-error denoiser is the posterior mean
+    x̂_0(x_t) = Σ_i softmax_i(−‖x_t − α_t x_i‖²/2σ_t²) x_i,   ε̂ = (x_t − α_t x̂_0)/σ_t.
+"" is the union over all 30 objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from sds3d import diffusion
+from sds3d.cameras import Cameras, CameraConfig, view_labels
+from sds3d.errors import UserError
+from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
+from sds3d.prompts import strip_view
+from sds3d.world import all_objects, parse_prompt
+from sds3d.world.render import object_views
+from sds3d.world.shapes import WorldObject
+
+
+def _world_object(text: str) -> WorldObject:
+    obj = parse_prompt(text)
+    if obj is None:
+        raise UserError(
+            f"the built-in analytic priors know only the 30 synthetic-world prompts (\"a {{colour}} {{shape}}\", "
+            f"e.g. \"a blue torus\"), not {text!r}"
+        )
+    return obj
+
+
+@dataclass
+class WorldViewsConfig:
+    """Which ground-truth renders make a prior's image set: the training camera ranges by default."""
+
+    resolution: int = 32
+    views_per_object: int = 96
+    uncond_views_per_object: int = 16
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seed: int = 0
+
+    def render(self, obj: WorldObject, num_views: int, cam: CameraConfig) -> tuple[torch.Tensor, list[str]]:
+        """([N, 3·R·R] images in [−1, 1], view labels) of one object, cameras drawn from `cam`'s ranges."""
+        images, cameras = object_views(
+            obj, num_views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fovy_deg,
+            self.resolution, self.seed, "albedo", self.background,
+        )  # fmt: skip
+        return (images * 2 - 1).flatten(1), view_labels(cameras.elevation_deg, cameras.azimuth_deg)
+
+
+@dataclass
+class GaussianPriorGuidanceConfig:
+    sds: SDSConfig = field(default_factory=SDSConfig)
+    std: float = 0.5  # s: p_y = N(μ_y, s²I)
+    views: WorldViewsConfig = field(default_factory=WorldViewsConfig)
+    scheduler: dict = field(default_factory=lambda: dict(diffusion.DDPM_SCHEDULER_CONFIG))
+
+    kind: Literal["gaussian"] = "gaussian"
+
+    def build(self, camera: CameraConfig, means: dict[str, torch.Tensor] | None = None) -> GaussianPriorGuidance:
+        return GaussianPriorGuidance(self, camera, means)
+
+
+class GaussianPriorGuidance(NoisePredictionGuidance):
+    """N(μ_y, s²I) per prompt. Means come from `means` (text → [3, R, R] in [−1, 1]) or, for world
+    prompts, from the average ground-truth render of the object."""
+
+    def __init__(
+        self, config: GaussianPriorGuidanceConfig, camera: CameraConfig, means: dict[str, torch.Tensor] | None = None
+    ):
+        super().__init__(config.sds, config.scheduler)
+        self.config = config
+        self.camera = camera
+        self.means = dict(means or {})
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        base, _ = strip_view(text)
+        if base not in self.means:
+            views = self.config.views
+            if base == "":
+                sets = [views.render(o, views.uncond_views_per_object, self.camera)[0] for o in all_objects()]
+                mean = torch.cat(sets).mean(0)
+            else:
+                mean = views.render(_world_object(base), views.views_per_object, self.camera)[0].mean(0)
+            self.means[base] = mean.reshape(3, views.resolution, views.resolution)
+        return self.means[base]
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        return resize_to(rgb, self.config.views.resolution) * 2 - 1
+
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
+    ) -> torch.Tensor:
+        mu = torch.stack(list(embeddings)).to(x_t)
+        abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1).to(x_t)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        v = alpha**2 * self.config.std**2 + sigma**2
+        return sigma * (x_t - alpha * mu) / v
+
+
+@dataclass
+class EmpiricalPriorGuidanceConfig:
+    sds: SDSConfig = field(default_factory=SDSConfig)
+    views: WorldViewsConfig = field(default_factory=WorldViewsConfig)
+    scheduler: dict = field(default_factory=lambda: dict(diffusion.DDPM_SCHEDULER_CONFIG))
+
+    kind: Literal["empirical"] = "empirical"
+
+    def build(self, camera: CameraConfig) -> EmpiricalPriorGuidance:
+        return EmpiricalPriorGuidance(self, camera)
+
+
+class EmpiricalPriorGuidance(NoisePredictionGuidance):
+    """The exact denoiser of a finite image set per prompt (see the module docstring)."""
+
+    def __init__(self, config: EmpiricalPriorGuidanceConfig, camera: CameraConfig):
+        super().__init__(config.sds, config.scheduler)
+        self.config = config
+        self.camera = camera
+        self._views: dict[tuple[WorldObject, int], tuple[torch.Tensor, list[str]]] = {}
+
+    def _object_views(self, obj: WorldObject, num_views: int) -> tuple[torch.Tensor, list[str]]:
+        key = (obj, num_views)
+        if key not in self._views:
+            self._views[key] = self.config.views.render(obj, num_views, self.camera)
+        return self._views[key]
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """The image set [M, D] for a text; a view suffix keeps the renders from that view."""
+        base, label = strip_view(text)
+        views = self.config.views
+        if base == "":
+            return torch.cat([self._object_views(o, views.uncond_views_per_object)[0] for o in all_objects()])
+        images, labels = self._object_views(_world_object(base), views.views_per_object)
+        if label is not None:
+            keep = torch.tensor([lab == label for lab in labels])
+            if bool(keep.any()):
+                return images[keep]
+        return images
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        return resize_to(rgb, self.config.views.resolution) * 2 - 1
+
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
+    ) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].to(x_t)
+        eps = []
+        for i, images in enumerate(embeddings):
+            alpha, sigma = abar[i].sqrt(), (1 - abar[i]).sqrt()
+            xi = x_t[i].reshape(1, -1)
+            images = images.to(x_t)
+            logits = -((xi - alpha * images) ** 2).sum(dim=1) / (2 * sigma**2)
+            x0 = torch.softmax(logits, dim=0) @ images
+            eps.append(((xi[0] - alpha * x0) / sigma).reshape(x_t.shape[1:]))
+        return torch.stack(eps)

@@ -1,0 +1,1 @@
+"""Differentiable renderers: volume rendering of NeRFs now, splatting later."""

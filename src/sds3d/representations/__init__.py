@@ -1,0 +1,1 @@
+"""3D scene representations: a hash-grid NeRF now, Gaussians and meshes later."""

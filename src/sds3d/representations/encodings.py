@@ -1,0 +1,102 @@
+"""Multi-resolution hash-grid encoding in pure PyTorch (Instant-NGP, Müller et al. 2022, §3).
+
+For level l with resolution N_l = floor(N_min·b^l), b = exp((ln N_max − ln N_min)/(L − 1)), a point
+x ∈ [0, 1]³ is scaled to x·N_l; the 8 corners of its voxel index a table of T feature vectors of
+size F, directly where (N_l + 1)³ ≤ T, else by the spatial hash (⊕_i c_i·π_i) mod T with
+π = (1, 2654435761, 805459861). Features are trilinearly interpolated and the L levels
+concatenated: an output of L·F features per point. No CUDA extension: tiny-cuda-nn does this
+fused; here it is one vectorised gather over all levels and corners, so it runs anywhere.
+`_reference.hash_grid_encode_reference` is its slow, obvious twin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Instant-NGP's hash primes (π_1 = 1 keeps the first axis coherent in memory).
+HASH_PRIMES = (1, 2654435761, 805459861)
+# The 8 voxel corners as offsets, in the order (x, y, z) bits.
+CORNER_OFFSETS = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
+
+
+@dataclass
+class HashGridConfig:
+    num_levels: int = 8
+    features_per_level: int = 2
+    log2_table_size: int = 15
+    base_resolution: int = 16
+    max_resolution: int = 128
+    init_scale: float = 1e-4  # Instant-NGP initialises the tables uniformly in ±1e-4
+
+    def build(self) -> HashGrid:
+        return HashGrid(self)
+
+
+def level_resolutions(config: HashGridConfig) -> list[int]:
+    """N_l = floor(N_min · b^l) with b chosen so that the last level reaches N_max."""
+    if config.num_levels == 1:
+        return [config.base_resolution]
+    growth = math.exp((math.log(config.max_resolution) - math.log(config.base_resolution)) / (config.num_levels - 1))
+    return [int(math.floor(config.base_resolution * growth**level)) for level in range(config.num_levels)]
+
+
+def corner_index(corner: torch.Tensor, resolution: int, table_size: int) -> torch.Tensor:
+    """Table index of integer voxel corners [..., 3]: dense where the level fits, hashed otherwise."""
+    side = resolution + 1
+    if side**3 <= table_size:
+        return corner[..., 0] + side * (corner[..., 1] + side * corner[..., 2])
+    h = corner[..., 0] * HASH_PRIMES[0]
+    h = torch.bitwise_xor(h, corner[..., 1] * HASH_PRIMES[1])
+    h = torch.bitwise_xor(h, corner[..., 2] * HASH_PRIMES[2])
+    return torch.remainder(h, table_size)
+
+
+class HashGrid(nn.Module):
+    """Points in [0, 1]³ → [N, L·F] features."""
+
+    def __init__(self, config: HashGridConfig):
+        super().__init__()
+        self.config = config
+        self.table_size = 2**config.log2_table_size
+        self.resolutions = level_resolutions(config)
+        # One table of T rows per level, stored flat; dense levels use only their first (N+1)³ rows.
+        self.tables = nn.Parameter(
+            (torch.rand(config.num_levels * self.table_size, config.features_per_level) * 2 - 1) * config.init_scale
+        )
+        self.register_buffer("_resolutions", torch.tensor(self.resolutions, dtype=torch.float32), persistent=False)
+        self.register_buffer("_corner_offsets", CORNER_OFFSETS.clone(), persistent=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.num_levels * self.config.features_per_level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3] in [0, 1] -> [N, L·F]
+        n, num_levels = x.shape[0], len(self.resolutions)
+        scaled = x.clamp(0.0, 1.0)[:, None, :] * self._resolutions[None, :, None]  # [N, L, 3]
+        base = scaled.floor()
+        frac = scaled - base  # [N, L, 3]
+        base = base.long()
+        # Per axis, the two corner coordinates and their linear weights: [N, L, 3, 2].
+        coords = torch.stack([base, base + 1], dim=-1)
+        axis_w = torch.stack([1 - frac, frac], dim=-1)
+        # Corner c = x_bit + 2·y_bit + 4·z_bit, laid out [z][y][x] so that it matches CORNER_OFFSETS.
+        w = (
+            axis_w[:, :, 2, :, None, None] * axis_w[:, :, 1, None, :, None] * axis_w[:, :, 0, None, None, :]
+        ).reshape(n, num_levels, 8)
+        index = torch.empty(n, num_levels, 8, dtype=torch.long, device=x.device)
+        for level, res in enumerate(self.resolutions):
+            cx, cy, cz = coords[:, level, 0], coords[:, level, 1], coords[:, level, 2]  # [N, 2] each
+            side = res + 1
+            if side**3 <= self.table_size:
+                idx = cx[:, None, None, :] + side * (cy[:, None, :, None] + side * cz[:, :, None, None])
+            else:
+                hx, hy, hz = cx * HASH_PRIMES[0], cy * HASH_PRIMES[1], cz * HASH_PRIMES[2]
+                idx = torch.bitwise_xor(torch.bitwise_xor(hx[:, None, None, :], hy[:, None, :, None]), hz[:, :, None, None])
+                idx = torch.remainder(idx, self.table_size)
+            index[:, level] = idx.reshape(n, 8) + level * self.table_size
+        feats = self.tables[index.reshape(-1)].reshape(n, num_levels, 8, -1)  # [N, L, 8, F]
+        return torch.einsum("nlc,nlcf->nlf", w, feats).reshape(n, -1)

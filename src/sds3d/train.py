@@ -1,0 +1,255 @@
+"""The training loop: one SDS step after another, with checkpoints that make every run resumable.
+
+One step (numbered as in the loop below):
+1. sample random cameras (cameras.py) and a shading mode and light (render/volume.py);
+2. render the NeRF (representations/nerf.py, render/volume.py);
+3. look up the texts for these views (prompts.py) and take the SDS loss from the prior (guidance/);
+4. add the regularisers (losses.py) and take an Adam step.
+
+Determinism: all randomness of a step comes from one `torch.Generator` seeded by `config.seed`;
+its state is saved with every checkpoint, so a run resumed from a checkpoint continues exactly as
+the uninterrupted run would. Ctrl-C finishes the current step, writes a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sds3d import losses
+from sds3d.cameras import orbit_cameras, sample_cameras
+from sds3d.config import RunConfig, load_config, save_config
+from sds3d.errors import UserError
+from sds3d.guidance.base import NoisePredictionGuidance
+from sds3d.prompts import PromptProcessor
+from sds3d.ramp import value_at
+from sds3d.render.volume import choose_shading, render, sample_lights
+from sds3d.representations.nerf import Background, HashGridNeRF
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+# Validation views: front, side, back and overhead, as labelled by view-dependent prompting.
+VALIDATION_VIEWS_DEG = ((15.0, 0.0), (15.0, 90.0), (15.0, 180.0), (75.0, 45.0))
+
+
+class DivergedError(UserError):
+    """The loss or the parameters became NaN/Inf."""
+
+
+class Scene(nn.Module):
+    """What training optimises: the NeRF and its background."""
+
+    def __init__(self, config: RunConfig):
+        nn.Module.__init__(self)
+        self.nerf: HashGridNeRF = config.nerf.build()
+        self.background: Background = config.background.build()
+
+
+@dataclass
+class TrainOutput:
+    run_dir: Path
+    steps_done: int
+    wall_s: float
+    it_per_s: float
+    interrupted: bool
+    final_losses: dict[str, float] = field(default_factory=dict)
+
+
+def build_scene(config: RunConfig) -> Scene:
+    torch.manual_seed(config.seed)  # parameter initialisation
+    return Scene(config).to(config.device)
+
+
+def build_guidance(config: RunConfig) -> NoisePredictionGuidance:
+    return config.guidance.build(config.camera).to(config.device)
+
+
+def build_optimizer(config: RunConfig, scene: Scene) -> torch.optim.Optimizer:
+    grid = [scene.nerf.encoding.tables]
+    rest = [p for n, p in scene.named_parameters() if n != "nerf.encoding.tables"]
+    o = config.optim
+    return torch.optim.Adam(
+        [{"params": grid, "lr": o.lr_grid}, {"params": rest, "lr": o.lr_mlp}], betas=o.betas, eps=o.eps
+    )
+
+
+def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, int]:
+    """The config, scene and step of a run folder's last checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not an sds3d run folder (no config.json)")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train it first")
+    config = load_config(run_dir / "config.json")
+    config.device = device
+    scene = build_scene(config)
+    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+    scene.load_state_dict(state["scene"])
+    return config, scene, int(state["step"])
+
+
+def save_checkpoint(path: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor) -> None:
+    """Written to a temporary file and renamed, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}, tmp)
+    os.replace(tmp, path)
+
+
+def validation_cameras(config: RunConfig):
+    el = torch.tensor([v[0] for v in VALIDATION_VIEWS_DEG])
+    az = torch.tensor([v[1] for v in VALIDATION_VIEWS_DEG])
+    full = lambda v: torch.full((len(el),), float(v))
+    cam = config.camera
+    res = max(cam.width, 64)
+    radius, fovy = (cam.radius[0] + cam.radius[1]) / 2, (cam.fovy_deg[0] + cam.fovy_deg[1]) / 2
+    return orbit_cameras(el, az, full(radius), full(fovy), res, res)
+
+
+@torch.no_grad()
+def save_validation(config: RunConfig, scene: Scene, path: Path) -> None:
+    import imageio.v2 as imageio
+
+    out = render(scene.nerf, scene.background, validation_cameras(config).to(config.device),
+                 config.renderer.num_samples, random_background=False)  # fmt: skip
+    row = out.rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.imwrite(path, (np.concatenate(list(row), axis=1) * 255 + 0.5).astype(np.uint8))
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True, on_step=None) -> TrainOutput:
+    """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
+
+    `on_step(step)` is called after each completed step (used by tests and benchmarks).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scene = build_scene(config)
+    optimizer = build_optimizer(config, scene)
+    guidance = build_guidance(config)
+    prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = 0
+    if resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise UserError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
+        state = torch.load(run_dir / CHECKPOINT, map_location=config.device, weights_only=True)
+        scene.load_state_dict(state["scene"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"])
+        start = int(state["step"])
+    save_config(config, run_dir / "config.json")
+
+    cpu = config.device == "cpu"
+    sync_every = 1 if cpu else 10  # host syncs only every few steps on a GPU
+    last: dict[str, torch.Tensor] = {}
+    step = start
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start, desc=config.prompt[:40], disable=not progress, unit="it")
+    with _StopRequest() as stop:
+        for step in range(start, config.steps):
+            if stop.requested:
+                break
+            step_ratio = step / config.steps
+            # 1. Cameras, shading and light.
+            cameras = sample_cameras(config.camera, generator)
+            shading = choose_shading(config.renderer, generator)
+            lights = sample_lights(cameras, config.renderer, generator) if shading != "albedo" else None
+            cameras = cameras.to(config.device)
+            # 2. Render.
+            reg = config.regularizers
+            orientation_w = value_at(reg.orientation, step_ratio)
+            out = render(
+                scene.nerf, scene.background, cameras, config.renderer.num_samples, shading=shading,
+                light_positions=None if lights is None else lights.to(config.device), ambient=config.renderer.ambient,
+                stratified=True, need_normals=orientation_w > 0, normals_create_graph=orientation_w > 0,
+                generator=generator,
+            )  # fmt: skip
+            # 3. Score distillation.
+            cond, uncond = prompts(cameras)
+            g = guidance(out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator)
+            # 4. Regularisers and the optimiser step.
+            opacity = out.opacity.flatten()
+            terms = {"sds": g.loss}
+            if orientation_w > 0 and out.sample_normals is not None:
+                terms["orientation"] = orientation_w * losses.orientation_loss(out.weights, out.sample_normals, out.ray_dirs, opacity)
+            if (w := value_at(reg.sparsity, step_ratio)) > 0:
+                terms["sparsity"] = w * losses.sparsity_loss(opacity)
+            if (w := value_at(reg.entropy, step_ratio)) > 0:
+                terms["entropy"] = w * losses.entropy_loss(opacity)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last = {k: v.detach() for k, v in terms.items()} | {"loss": loss.detach(), "grad_norm": g.grad_norm.detach()}
+
+            done = step + 1
+            if done % sync_every == 0 or done == config.steps:
+                value = float(last["loss"])
+                if not np.isfinite(value) or not _finite(scene):
+                    bar.close()
+                    kept = _checkpoint_step(run_dir)
+                    where = f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}" if kept is not None else "no checkpoint was written yet"
+                    raise DivergedError(f"training diverged to NaN/Inf at step {done}; {where}")
+                bar.set_postfix(loss=f"{value:.4g}", t=int(g.timesteps[0]))
+            bar.update(1)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, done, generator.get_state())
+            if config.validate_every > 0 and (done % config.validate_every == 0 or done == config.steps):
+                save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png")
+            step = done
+            if on_step is not None:
+                on_step(done)
+        else:
+            step = config.steps
+    bar.close()
+    interrupted = step < config.steps
+    if interrupted:
+        save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, step, generator.get_state())
+    wall = time.perf_counter() - t0
+    return TrainOutput(
+        run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),
+        interrupted=interrupted, final_losses={k: float(v) for k, v in last.items()},
+    )  # fmt: skip
+
+
+def _finite(scene: Scene) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in scene.parameters())
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])

@@ -1,0 +1,91 @@
+"""Scoring a 3D result against the synthetic world's ground truth.
+
+3D IoU is measured on a voxel grid over [−bound, bound]³: ground-truth occupancy is sdf < 0 at the
+voxel centres; a mesh's occupancy is found by ray parity along +Z through each column of centres
+(a point is inside a closed mesh when a ray from it crosses the surface an odd number of times).
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+
+from sds3d.world.shapes import COLORS, occupancy_grid
+
+# Columns are nudged by this much (in voxels) so that no ray runs exactly through a mesh edge.
+_JITTER = (1.3e-4, 2.7e-4)
+
+
+def mesh_occupancy(vertices: np.ndarray, faces: np.ndarray, resolution: int, bound: float = 1.0) -> np.ndarray:
+    """Boolean [R, R, R] (index order x, y, z): which voxel centres lie inside the closed mesh."""
+    pitch = 2 * bound / resolution
+    centres = (np.arange(resolution) + 0.5) * pitch - bound
+    tri = vertices[faces].astype(np.float64)  # [F, 3, 3]
+    hits_col, hits_z = [], []
+    for start in range(0, len(tri), 2048):
+        t = tri[start : start + 2048]
+        a, b, c = t[:, 0], t[:, 1], t[:, 2]
+        # Columns under each triangle's xy bounding box.
+        lo = np.floor((t[:, :, :2].min(1) + bound) / pitch - 0.5).astype(int) + 1
+        hi = np.floor((t[:, :, :2].max(1) + bound) / pitch - 0.5).astype(int)
+        for k in range(len(t)):
+            (i0, j0), (i1, j1) = np.clip(lo[k], 0, resolution - 1), np.clip(hi[k], 0, resolution - 1)
+            if i1 < i0 or j1 < j0 or hi[k][0] < 0 or hi[k][1] < 0:
+                continue
+            ii, jj = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1), indexing="ij")
+            px = centres[ii.ravel()] + _JITTER[0] * pitch
+            py = centres[jj.ravel()] + _JITTER[1] * pitch
+            # Barycentric coordinates of the column in the triangle's xy projection.
+            v0, v1 = b[k, :2] - a[k, :2], c[k, :2] - a[k, :2]
+            det = v0[0] * v1[1] - v0[1] * v1[0]
+            if abs(det) < 1e-15:
+                continue
+            dx, dy = px - a[k, 0], py - a[k, 1]
+            u = (dx * v1[1] - dy * v1[0]) / det
+            v = (v0[0] * dy - v0[1] * dx) / det
+            inside = (u >= 0) & (v >= 0) & (u + v <= 1)
+            if not inside.any():
+                continue
+            z = a[k, 2] + u[inside] * (b[k, 2] - a[k, 2]) + v[inside] * (c[k, 2] - a[k, 2])
+            hits_col.append(ii.ravel()[inside] * resolution + jj.ravel()[inside])
+            hits_z.append(z)
+    occ = np.zeros((resolution * resolution, resolution), dtype=np.int64)
+    if hits_col:
+        col, z = np.concatenate(hits_col), np.concatenate(hits_z)
+        # For each hit, every voxel centre below it in its column sees one more crossing above.
+        below = np.clip(np.floor((z + bound) / pitch + 0.5).astype(int), 0, resolution)  # centres k < below
+        counts = np.zeros((resolution * resolution, resolution + 1), dtype=np.int64)
+        np.add.at(counts, (col, below), 1)
+        # crossings above centre k = Σ_{m > k} counts[:, m]
+        occ = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return (occ % 2 == 1).reshape(resolution, resolution, resolution)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def mesh_iou(vertices: np.ndarray, faces: np.ndarray, shape: str, resolution: int = 64, bound: float = 1.0) -> float:
+    """3D IoU of a closed mesh (world units, +Z up) with a ground-truth primitive."""
+    return iou(mesh_occupancy(vertices, faces, resolution, bound), occupancy_grid(shape, resolution, bound))
+
+
+def area_weighted_color(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Mean vertex colour [3] in [0, 1], each face weighted by its area."""
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    face_col = colors[faces].astype(np.float64).mean(axis=1) / 255.0
+    return (face_col * area[:, None]).sum(0) / max(area.sum(), 1e-12)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The world colour whose hue is closest to `rgb`'s (hue is what shading changes least)."""
+    h = colorsys.rgb_to_hsv(*[float(v) for v in rgb])[0]
+
+    def hue_distance(name: str) -> float:
+        d = abs(colorsys.rgb_to_hsv(*COLORS[name])[0] - h)
+        return min(d, 1 - d)
+
+    return min(COLORS, key=hue_distance)
