@@ -53,13 +53,37 @@ class WorldViewsConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
 
-    def render(self, obj: WorldObject, num_views: int, cam: CameraConfig) -> tuple[torch.Tensor, list[str]]:
-        """([N, 3·R·R] images in [−1, 1], view labels) of one object, cameras drawn from `cam`'s ranges."""
+    def render(self, obj: WorldObject, num_views: int, cam: CameraConfig) -> ImageSet:
+        """Renders of one object from `num_views` cameras drawn from `cam`'s ranges."""
         images, cameras = object_views(
             obj, num_views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fovy_deg,
             self.resolution, self.seed, "albedo", self.background,
         )  # fmt: skip
-        return (images * 2 - 1).flatten(1), view_labels(cameras.elevation_deg, cameras.azimuth_deg)
+        labels = view_labels(cameras.elevation_deg, cameras.azimuth_deg)
+        return ImageSet((images * 2 - 1).flatten(1), view_directions(cameras), labels)
+
+
+@dataclass
+class ImageSet:
+    """A finite image set: [M, D] images in [−1, 1], the unit direction [M, 3] from the origin to each
+    image's camera, and each camera's view label."""
+
+    images: torch.Tensor
+    directions: torch.Tensor
+    labels: list[str]
+
+    def subset(self, keep: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[keep], self.directions[keep], [lab for lab, k in zip(self.labels, keep.tolist(), strict=True) if k])
+
+    @staticmethod
+    def concat(sets: Sequence[ImageSet]) -> ImageSet:
+        return ImageSet(
+            torch.cat([s.images for s in sets]), torch.cat([s.directions for s in sets]), [lab for s in sets for lab in s.labels]
+        )
+
+
+def view_directions(cameras: Cameras) -> torch.Tensor:
+    return torch.nn.functional.normalize(cameras.position, dim=-1)
 
 
 @dataclass
@@ -92,10 +116,10 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
         if base not in self.means:
             views = self.config.views
             if base == "":
-                sets = [views.render(o, views.uncond_views_per_object, self.camera)[0] for o in all_objects()]
+                sets = [views.render(o, views.uncond_views_per_object, self.camera).images for o in all_objects()]
                 mean = torch.cat(sets).mean(0)
             else:
-                mean = views.render(_world_object(base), views.views_per_object, self.camera)[0].mean(0)
+                mean = views.render(_world_object(base), views.views_per_object, self.camera).images.mean(0)
             self.means[base] = mean.reshape(3, views.resolution, views.resolution)
         return self.means[base]
 
@@ -116,6 +140,9 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
 class EmpiricalPriorGuidanceConfig:
     sds: SDSConfig = field(default_factory=SDSConfig)
     views: WorldViewsConfig = field(default_factory=WorldViewsConfig)
+    # Camera conditioning (as MVDream's): each set image is weighted by exp(−∠(c, c_i)²/2κ²), the
+    # angle between the rendering camera and the image's camera. None: no camera conditioning.
+    camera_kernel_deg: float | None = None
     scheduler: dict = field(default_factory=lambda: dict(diffusion.DDPM_SCHEDULER_CONFIG))
 
     kind: Literal["empirical"] = "empirical"
@@ -131,40 +158,45 @@ class EmpiricalPriorGuidance(NoisePredictionGuidance):
         super().__init__(config.sds, config.scheduler)
         self.config = config
         self.camera = camera
-        self._views: dict[tuple[WorldObject, int], tuple[torch.Tensor, list[str]]] = {}
+        self._views: dict[tuple[WorldObject, int], ImageSet] = {}
 
-    def _object_views(self, obj: WorldObject, num_views: int) -> tuple[torch.Tensor, list[str]]:
+    def _object_views(self, obj: WorldObject, num_views: int) -> ImageSet:
         key = (obj, num_views)
         if key not in self._views:
             self._views[key] = self.config.views.render(obj, num_views, self.camera)
         return self._views[key]
 
-    def encode_prompt(self, text: str) -> torch.Tensor:
-        """The image set [M, D] for a text; a view suffix keeps the renders from that view."""
+    def encode_prompt(self, text: str) -> ImageSet:
+        """The image set for a text; a view suffix keeps the renders from that view."""
         base, label = strip_view(text)
         views = self.config.views
         if base == "":
-            return torch.cat([self._object_views(o, views.uncond_views_per_object)[0] for o in all_objects()])
-        images, labels = self._object_views(_world_object(base), views.views_per_object)
+            return ImageSet.concat([self._object_views(o, views.uncond_views_per_object) for o in all_objects()])
+        image_set = self._object_views(_world_object(base), views.views_per_object)
         if label is not None:
-            keep = torch.tensor([lab == label for lab in labels])
+            keep = torch.tensor([lab == label for lab in image_set.labels])
             if bool(keep.any()):
-                return images[keep]
-        return images
+                return image_set.subset(keep)
+        return image_set
 
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         return resize_to(rgb, self.config.views.resolution) * 2 - 1
 
     def predict_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[ImageSet], cameras: Cameras | None
     ) -> torch.Tensor:
         abar = self.alphas_cumprod[t].to(x_t)
+        kernel = self.config.camera_kernel_deg
+        directions = None if cameras is None or kernel is None else view_directions(cameras).to(x_t)
         eps = []
-        for i, images in enumerate(embeddings):
+        for i, image_set in enumerate(embeddings):
             alpha, sigma = abar[i].sqrt(), (1 - abar[i]).sqrt()
             xi = x_t[i].reshape(1, -1)
-            images = images.to(x_t)
+            images = image_set.images.to(x_t)
             logits = -((xi - alpha * images) ** 2).sum(dim=1) / (2 * sigma**2)
+            if directions is not None:
+                cos = (image_set.directions.to(x_t) @ directions[i]).clamp(-1.0, 1.0)
+                logits = logits - torch.rad2deg(torch.arccos(cos)) ** 2 / (2 * kernel**2)
             x0 = torch.softmax(logits, dim=0) @ images
             eps.append(((xi[0] - alpha * x0) / sigma).reshape(x_t.shape[1:]))
         return torch.stack(eps)

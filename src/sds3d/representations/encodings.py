@@ -41,7 +41,8 @@ def level_resolutions(config: HashGridConfig) -> list[int]:
     if config.num_levels == 1:
         return [config.base_resolution]
     growth = math.exp((math.log(config.max_resolution) - math.log(config.base_resolution)) / (config.num_levels - 1))
-    return [int(math.floor(config.base_resolution * growth**level)) for level in range(config.num_levels)]
+    # The 1e-6 keeps floor() from losing the last level to rounding (4·4³ must give 64, not 63).
+    return [int(math.floor(config.base_resolution * growth**level + 1e-6)) for level in range(config.num_levels)]
 
 
 def corner_index(corner: torch.Tensor, resolution: int, table_size: int) -> torch.Tensor:

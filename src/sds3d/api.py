@@ -1,0 +1,94 @@
+"""The short Python API: train a run, then export what a person can look at.
+
+    import dataclasses, sds3d
+    config = dataclasses.replace(sds3d.preset("fast"), prompt="a red cube")
+    result = sds3d.generate(config, "outputs/red-cube")   # train + mesh + turntable + summary
+    print(result.files["glb"])
+
+`generate` = `train.train` then `export_run`; `export_run` re-exports any run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sds3d.config import RunConfig
+from sds3d.export import extract_mesh, render_turntable, write_mesh, write_turntable
+from sds3d.train import TrainOutput, load_scene, train
+
+SLUG_MAX_CHARS = 48
+
+
+@dataclass
+class GenerateOutput:
+    run_dir: Path
+    train: TrainOutput
+    files: dict[str, Path] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def slugify(prompt: str) -> str:
+    """A safe folder name from a prompt: lowercase ASCII letters, digits and single dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:SLUG_MAX_CHARS].strip("-")
+    return slug or "prompt"
+
+
+def default_run_dir(prompt: str, root: Path | str = "outputs") -> Path:
+    return Path(root) / f"{slugify(prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def software_versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+    import trimesh
+
+    import sds3d
+
+    return {
+        "sds3d": sds3d.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "numpy": numpy.__version__, "trimesh": trimesh.__version__,
+        "platform": platform.platform(),
+    }  # fmt: skip
+
+
+def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
+    """Mesh (glb, ply, obj) and turntable (gif, mp4 with imageio-ffmpeg) of a run's last checkpoint."""
+    run_dir = Path(run_dir)
+    config, scene, step = load_scene(run_dir, device)
+    mesh = extract_mesh(scene.nerf, scene.background, config.export)
+    files: dict[str, Path] = dict(write_mesh(mesh, run_dir))
+    for path in write_turntable(render_turntable(scene.nerf, scene.background, config.export), run_dir):
+        files[path.suffix.lstrip(".")] = path
+    mesh_info = {
+        "step": step, "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
+        "iso_level": mesh.iso_level, "silhouette_iou": mesh.silhouette_iou,
+    }  # fmt: skip
+    (run_dir / "mesh.json").write_text(json.dumps(mesh_info, indent=2))
+    return files
+
+
+def generate(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True) -> GenerateOutput:
+    """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it)."""
+    run_dir = Path(run_dir)
+    result = train(config, run_dir, resume=resume, progress=progress)
+    out = GenerateOutput(run_dir=run_dir, train=result)
+    if result.interrupted:
+        return out
+    t0 = time.perf_counter()
+    out.files = export_run(run_dir, config.device)
+    out.summary = {
+        "prompt": config.prompt, "preset": config.preset, "seed": config.seed, "steps": config.steps,
+        "train_wall_s": round(result.wall_s, 2), "it_per_s": round(result.it_per_s, 3),
+        "export_wall_s": round(time.perf_counter() - t0, 2), "final_losses": result.final_losses,
+        "mesh": json.loads((run_dir / "mesh.json").read_text()),
+        "files": {k: str(v.name) for k, v in out.files.items()}, "versions": software_versions(),
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(out.summary, indent=2))
+    return out

@@ -1,0 +1,185 @@
+"""The `sds3d` command. Entry points only: parsing, messages and exit codes; the work is in api.py.
+
+Exit codes: 0 done, 2 bad input or a run that diverged (one line on stderr, no traceback),
+130 interrupted by Ctrl-C (a checkpoint is written; `--resume` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+from sds3d.errors import UserError
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: one line, exit 2
+        raise UserError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sds3d.config import GUIDANCE_KINDS, PRESETS
+
+    parser = _Parser(prog="sds3d", description="Text to 3D by Score Distillation Sampling, on any machine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser(
+        "generate",
+        help="train a NeRF for a prompt, then export a mesh and a turntable",
+        description=(
+            "Train a NeRF for PROMPT by score distillation, then write mesh.glb/.ply/.obj, turntable.gif "
+            "and summary.json. The default prior is the built-in *empirical prior of the synthetic world*: "
+            "the exact denoiser of ground-truth renders of 30 objects, so PROMPT must read "
+            "\"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}\". "
+            "Learned and Stable Diffusion priors come in later releases."
+        ),
+    )
+    g.add_argument("prompt")
+    g.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: default)")
+    g.add_argument("--prior", choices=None, help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
+    g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
+    g.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
+    g.add_argument("--out", type=Path, help="run folder (default: outputs/<slug-of-prompt>-<timestamp>/)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("export", help="mesh and turntable of a run folder's last checkpoint")
+    e.add_argument("run_dir", type=Path)
+    r = sub.add_parser("render", help="turntable GIFs of a run (albedo and shaded)")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--shading", default="albedo", choices=["albedo", "lambertian", "textureless"])
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def _resolve_config(args: argparse.Namespace):
+    from sds3d.config import GUIDANCE_KINDS, load_config, preset
+    from sds3d.prompts import validate_prompt
+
+    prompt = validate_prompt(args.prompt)
+    if args.resume:
+        if args.out is None:
+            raise UserError("--resume needs --out RUN_DIR, the folder of the run to continue")
+        if not (args.out / "config.json").is_file():
+            raise UserError(f"nothing to resume in {args.out}: no config.json")
+        config = load_config(args.out / "config.json")
+        if config.prompt != prompt:
+            raise UserError(f"{args.out} is a run for {config.prompt!r}, not {prompt!r}")
+    else:
+        config = dataclasses.replace(preset(args.preset), prompt=prompt)
+        if args.prior is not None:
+            if args.prior not in GUIDANCE_KINDS:
+                raise UserError(f"unknown prior {args.prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
+            if config.guidance.kind != args.prior:
+                config.guidance = GUIDANCE_KINDS[args.prior](views=config.guidance.views)
+        if args.seed is not None:
+            config.seed = args.seed
+    if args.steps is not None:
+        config.steps = args.steps
+    config.device = args.device
+    return config
+
+
+def _prepare_run_dir(args: argparse.Namespace, prompt: str) -> Path:
+    from sds3d.api import default_run_dir
+
+    run_dir = args.out if args.out is not None else default_run_dir(prompt)
+    if args.resume:
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not args.overwrite:
+            raise UserError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} is not an sds3d run folder (no config.json); refusing to delete it")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sds3d.api import generate
+
+    config = _resolve_config(args)
+    run_dir = _prepare_run_dir(args, config.prompt)
+    print(f"sds3d: {config.prompt!r}, preset {config.preset}, {config.steps} steps, seed {config.seed} -> {run_dir}")
+    out = generate(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    if out.train.interrupted:
+        print(
+            f"sds3d: interrupted at step {out.train.steps_done}/{config.steps}; checkpoint saved. Continue with:\n"
+            f"  sds3d generate {_quote(config.prompt)} --out {_quote(str(run_dir))} --resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(f"sds3d: {out.train.steps_done} steps in {out.train.wall_s:.1f} s ({out.train.it_per_s:.1f} it/s)")
+    print(f"sds3d: results in {run_dir}/")
+    for name in ("glb", "ply", "obj", "gif", "mp4"):
+        if name in out.files:
+            print(f"  {out.files[name]}")
+    print(f"  {run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sds3d.api import export_run
+
+    for path in export_run(args.run_dir).values():
+        print(path)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from sds3d.export import render_turntable, write_turntable
+    from sds3d.train import load_scene
+
+    config, scene, _ = load_scene(args.run_dir)
+    frames = render_turntable(scene.nerf, scene.background, config.export, shading=args.shading)
+    out = args.run_dir / f"render-{args.shading}"
+    out.mkdir(exist_ok=True)
+    for path in write_turntable(frames, out):
+        print(path)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sds3d.config import PRESET_NOTES, PRESETS
+
+    for name, config in PRESETS.items():
+        print(f"{name:10s} {config.guidance.kind:10s} {config.steps:6d} steps  {PRESET_NOTES.get(name, '')}")
+    return 0
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets}
+    try:
+        args = build_parser().parse_args(argv)
+        return commands[args.command](args)
+    except UserError as err:
+        print(f"sds3d: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sds3d: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Shared fixtures: small analytic fields for renderer and exporter tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from sds3d.representations.nerf import DensityAlbedo
+from sds3d.world.shapes import shape_sdf
+
+torch.set_num_threads(2)
+
+
+@dataclass
+class _FieldConfig:
+    bound: float = 1.0
+
+
+class AnalyticField(nn.Module):
+    """A field with the NeRF's interface whose density and albedo are given functions."""
+
+    def __init__(self, density_fn, albedo=(0.5, 0.5, 0.5), bound: float = 1.0):
+        super().__init__()
+        self.config = _FieldConfig(bound)
+        self.density_fn = density_fn
+        self.register_buffer("albedo", torch.tensor(albedo))
+        self.dummy = nn.Parameter(torch.zeros(()))  # so that next(parameters()) has a device
+
+    def forward(self, points: torch.Tensor) -> DensityAlbedo:
+        density = self.density_fn(points) + 0 * self.dummy
+        return DensityAlbedo(density=density, albedo=self.albedo.expand(points.shape[0], 3))
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        return self.forward(points).density
+
+    def normals(self, points: torch.Tensor, create_graph: bool):
+        with torch.enable_grad():
+            points = points.detach().requires_grad_(True)
+            out = self.forward(points)
+            (grad,) = torch.autograd.grad(out.density.sum(), points, create_graph=create_graph)
+        return out, -torch.nn.functional.normalize(grad, dim=-1, eps=1e-6)
+
+
+def shape_field(shape: str, albedo=(0.9, 0.1, 0.1), sharpness: float = 60.0, peak: float = 200.0) -> AnalyticField:
+    """A soft version of a world primitive: density peak·sigmoid(−sharpness·sdf)."""
+    return AnalyticField(lambda p: peak * torch.sigmoid(-sharpness * shape_sdf(shape, p)), albedo)
+
+
+@pytest.fixture
+def field_factory():
+    return AnalyticField
