@@ -1,12 +1,13 @@
 """From a trained NeRF to files a person can open: a mesh (glb/ply/obj) and a turntable.
 
 Mesh extraction. The density is sampled on a grid over the scene cube and meshed by marching
-cubes (scikit-image). The iso-level is chosen from what the cameras actually see: from a ring of
-views we take the rendered silhouette S_r = {rays with opacity > 0.5} and, for a candidate level ℓ,
-the silhouette of the level set S_ℓ = {rays whose largest sampled density exceeds ℓ}; ℓ maximises
-IoU(S_ℓ, S_r). Low-density haze that never makes a pixel opaque enlarges S_ℓ at low ℓ and so is
-rejected, and only the largest connected component of {τ > ℓ} is kept. An empty scene is an error,
-never a silent empty file.
+cubes (scikit-image). The iso-level is chosen from what the cameras actually see: a ring of views
+is rendered, and along every ray that ends up opaque (opacity > 0.5) we take the density of the
+sample at which the accumulated opacity passes 0.5, where the ray "hits" the surface; the level ℓ
+is the median over those rays. Low-density haze never makes a pixel opaque by itself and lies far
+below ℓ, and only the largest connected component of {τ > ℓ} is kept, which drops floaters. The
+agreement of the level set's silhouettes with the rendered ones (IoU) is reported. An empty scene
+is an error, never a silent empty file.
 
 Axes. The world is +Z up. glTF is +Y up (glTF 2.0 §3.4), so `mesh.glb` and `mesh.obj` (read as
 +Y up by Blender and most viewers) are rotated by −90° about X: (x, y, z) → (x, z, −y).
@@ -38,7 +39,6 @@ class ExportConfig:
     grid_resolution: int = 96
     iso_views: int = 8
     iso_view_resolution: int = 48
-    iso_candidates: int = 40
     keep_largest_component: bool = True
     turntable_frames: int = 36
     turntable_resolution: int = 128
@@ -73,8 +73,8 @@ def density_grid(nerf: HashGridNeRF, resolution: int, chunk: int = 2**18) -> np.
 
 
 @torch.no_grad()
-def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportConfig, grid: np.ndarray) -> tuple[float, float]:
-    """The level whose silhouettes best match the rendered opacity (module docstring). → (ℓ, IoU)."""
+def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportConfig) -> tuple[float, float]:
+    """The density at which the cameras' rays become opaque (module docstring). → (ℓ, silhouette IoU)."""
     n, res = config.iso_views, config.iso_view_resolution
     azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n)
     elevation = torch.tensor([ISO_HIGH_ELEVATION_DEG, ISO_LOW_ELEVATION_DEG]).repeat((n + 1) // 2)[:n]
@@ -82,24 +82,21 @@ def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportC
     cams = orbit_cameras(elevation, azimuth, full(config.view_radius), full(config.view_fovy_deg), res, res)
     dev = next(nerf.parameters()).device
     out = render(nerf, background, cams.to(dev), config.num_samples, random_background=False)
-    seen = (out.opacity.flatten() > OPAQUE).cpu()
+    opacity = out.opacity.flatten().cpu()
+    seen = opacity > OPAQUE
     if not bool(seen.any()):
         raise EmptySceneError(
-            f"the scene is empty: no pixel of {config.iso_views} views reaches opacity {OPAQUE} "
-            f"(largest {out.opacity.max().item():.3f}); nothing to export"
+            f"the scene is empty: no pixel of {n} views reaches opacity {OPAQUE} "
+            f"(largest {opacity.max().item():.3f}); nothing to export"
         )
-    ray_max = out.sample_density.amax(dim=1).cpu()  # [R]
-    lo = max(float(np.percentile(grid, 50)), 1e-3)
-    hi = float(ray_max[seen].max())
-    if hi <= lo:
-        hi = lo * 2
-    best, best_iou = lo, -1.0
-    for level in np.geomspace(lo, hi, config.iso_candidates):
-        pred = ray_max > level
-        iou = float((pred & seen).sum()) / max(float((pred | seen).sum()), 1.0)
-        if iou > best_iou:
-            best, best_iou = float(level), iou
-    return best, best_iou
+    weights, density = out.weights.cpu()[seen], out.sample_density.cpu()[seen]
+    # The first sample at which each opaque ray's accumulated opacity passes one half.
+    crossing = (weights.cumsum(dim=1) >= OPAQUE).float().argmax(dim=1)
+    level = float(density.gather(1, crossing[:, None]).median())
+    ray_max = out.sample_density.amax(dim=1).cpu()
+    pred = ray_max > level
+    silhouette_iou = float((pred & seen).sum()) / max(float((pred | seen).sum()), 1.0)
+    return level, silhouette_iou
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -117,8 +114,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def extract_mesh(nerf: HashGridNeRF, background: Background, config: ExportConfig) -> MeshOutput:
     from skimage.measure import marching_cubes
 
+    level, sil_iou = choose_iso_level(nerf, background, config)
     grid = density_grid(nerf, config.grid_resolution)
-    level, sil_iou = choose_iso_level(nerf, background, config, grid)
     mask = grid > level
     if config.keep_largest_component:
         mask = largest_component(mask)

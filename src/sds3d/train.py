@@ -151,7 +151,7 @@ class _StopRequest:
 def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True, on_step=None) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
-    `on_step(step)` is called after each completed step (used by tests and benchmarks).
+    `on_step(step, scene)` is called after each completed step (used by tests and benchmarks).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress
                 save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png")
             step = done
             if on_step is not None:
-                on_step(done)
+                on_step(done, scene)
         else:
             step = config.steps
     bar.close()

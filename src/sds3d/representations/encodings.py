@@ -99,5 +99,6 @@ class HashGrid(nn.Module):
                 idx = torch.bitwise_xor(torch.bitwise_xor(hx[:, None, None, :], hy[:, None, :, None]), hz[:, :, None, None])
                 idx = torch.remainder(idx, self.table_size)
             index[:, level] = idx.reshape(n, 8) + level * self.table_size
-        feats = self.tables[index.reshape(-1)].reshape(n, num_levels, 8, -1)  # [N, L, 8, F]
+        # index_select: its backward (index_add_) is deterministic on the CPU, unlike indexing.
+        feats = self.tables.index_select(0, index.reshape(-1)).reshape(n, num_levels, 8, -1)  # [N, L, 8, F]
         return torch.einsum("nlc,nlcf->nlf", w, feats).reshape(n, -1)
