@@ -1,13 +1,14 @@
 """From a trained NeRF to files a person can open: a mesh (glb/ply/obj) and a turntable.
 
 Mesh extraction. The density is sampled on a grid over the scene cube and meshed by marching
-cubes (scikit-image). The iso-level is chosen from what the cameras actually see: a ring of views
-is rendered, and along every ray that ends up opaque (opacity > 0.5) we take the density of the
-sample at which the accumulated opacity passes 0.5, where the ray "hits" the surface; the level ℓ
-is the median over those rays. Low-density haze never makes a pixel opaque by itself and lies far
-below ℓ, and only the largest connected component of {τ > ℓ} is kept, which drops floaters. The
-agreement of the level set's silhouettes with the rendered ones (IoU) is reported. An empty scene
-is an error, never a silent empty file.
+cubes (scikit-image). The iso-level is chosen from what the cameras actually see. A ring of views
+is rendered; S_r = {rays with opacity > 0.5} is the rendered silhouette, and for a level ℓ,
+S_ℓ = {rays whose largest sampled density exceeds ℓ} is the silhouette of the level set. ℓ is the
+candidate with the largest IoU(S_ℓ, S_r); the candidates are a geometric ladder and the median
+density at which opaque rays pass opacity 0.5 (where they "hit" the surface). Low-density haze
+never makes a pixel opaque by itself, so levels low enough to include it widen S_ℓ and lose; only
+the largest connected component of {τ > ℓ} is kept, which drops floaters. An empty scene is an
+error, never a silent empty file.
 
 Axes. The world is +Z up. glTF is +Y up (glTF 2.0 §3.4), so `mesh.glb` and `mesh.obj` (read as
 +Y up by Blender and most viewers) are rotated by −90° about X: (x, y, z) → (x, z, −y).
@@ -24,7 +25,7 @@ import torch
 
 from sds3d.cameras import orbit_cameras, turntable_cameras
 from sds3d.errors import UserError
-from sds3d.render.volume import render
+from sds3d.render.volume import INFERENCE_CHUNK, render
 from sds3d.representations.nerf import Background, HashGridNeRF
 
 # (x, y, z) +Z up → (x, z, −y) +Y up.
@@ -38,14 +39,15 @@ ISO_HIGH_ELEVATION_DEG, ISO_LOW_ELEVATION_DEG = 70.0, -5.0
 class ExportConfig:
     grid_resolution: int = 96
     iso_views: int = 8
-    iso_view_resolution: int = 48
+    iso_view_resolution: int = 64
+    iso_candidates: int = 64
     keep_largest_component: bool = True
-    turntable_frames: int = 36
-    turntable_resolution: int = 128
+    turntable_frames: int = 24
+    turntable_resolution: int = 96
     turntable_elevation_deg: float = 20.0
     view_radius: float = 2.5
     view_fovy_deg: float = 40.0
-    num_samples: int = 96
+    num_samples: int = 64
 
 
 class EmptySceneError(UserError):
@@ -62,7 +64,7 @@ class MeshOutput:
 
 
 @torch.no_grad()
-def density_grid(nerf: HashGridNeRF, resolution: int, chunk: int = 2**18) -> np.ndarray:
+def density_grid(nerf: HashGridNeRF, resolution: int, chunk: int = INFERENCE_CHUNK) -> np.ndarray:
     """Density [R, R, R] (index order x, y, z) at the grid corners linspace(−bound, bound, R)."""
     b = nerf.config.bound
     c = torch.linspace(-b, b, resolution)
@@ -92,11 +94,16 @@ def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportC
     weights, density = out.weights.cpu()[seen], out.sample_density.cpu()[seen]
     # The first sample at which each opaque ray's accumulated opacity passes one half.
     crossing = (weights.cumsum(dim=1) >= OPAQUE).float().argmax(dim=1)
-    level = float(density.gather(1, crossing[:, None]).median())
+    hit_level = float(density.gather(1, crossing[:, None]).median())
     ray_max = out.sample_density.amax(dim=1).cpu()
-    pred = ray_max > level
-    silhouette_iou = float((pred & seen).sum()) / max(float((pred | seen).sum()), 1.0)
-    return level, silhouette_iou
+    lo, hi = max(hit_level / 100, 1e-3), max(float(ray_max[seen].max()), hit_level * 1.01)
+    best, best_iou = hit_level, -1.0
+    for level in [hit_level, *np.geomspace(lo, hi, config.iso_candidates).tolist()]:
+        pred = ray_max > level
+        iou = float((pred & seen).sum()) / max(float((pred | seen).sum()), 1.0)
+        if iou > best_iou + 1e-9:
+            best, best_iou = float(level), iou
+    return best, best_iou
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -165,7 +172,7 @@ def render_turntable(nerf: HashGridNeRF, background: Background, config: ExportC
     for i in range(len(cams)):
         cam = cams[i].to(dev)
         lights = cam.position * 1.5 if shading != "albedo" else None
-        with torch.enable_grad():  # normals need autograd of the density
+        with torch.set_grad_enabled(shading != "albedo"):  # normals need autograd of the density
             out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
                          random_background=False)  # fmt: skip
         frames.append((out.rgb.detach()[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from sds3d.cameras import Cameras, camera_rays
-from sds3d.representations.nerf import Background, HashGridNeRF
+from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRF
 
 Shading = Literal["albedo", "lambertian", "textureless"]
 SHADINGS: tuple[str, ...] = ("albedo", "lambertian", "textureless")
+INFERENCE_CHUNK = 32768  # points per field query without autograd (measured fastest on a 2-core CPU)
 
 
 @dataclass
@@ -142,8 +143,11 @@ def render(
     if need_normals or shading != "albedo":
         field, n = nerf.normals(flat, create_graph=normals_create_graph)
         sample_normals = n.reshape(r, num_samples, 3)
-    else:
+    elif torch.is_grad_enabled():
         field = nerf(flat)
+    else:  # inference: chunks that stay in cache are about twice as fast on a CPU
+        parts = [nerf(flat[i : i + INFERENCE_CHUNK]) for i in range(0, flat.shape[0], INFERENCE_CHUNK)]
+        field = DensityAlbedo(torch.cat([p.density for p in parts]), torch.cat([p.albedo for p in parts]))
     density = field.density.reshape(r, num_samples) * hit[:, None]
     albedo = field.albedo.reshape(r, num_samples, 3)
     # 3. Shade and composite.
