@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.sds3d-installed
 PROMPT ?= a blue torus
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gallery clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -25,6 +25,10 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks
+	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks
+
+gallery: $(STAMP)
+	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks
 
 clean:
 	rm -rf .venv outputs .pytest_cache .ruff_cache .mypy_cache

@@ -44,7 +44,9 @@ class AnalyticField(nn.Module):
         return out, -torch.nn.functional.normalize(grad, dim=-1, eps=1e-6)
 
 
-def shape_field(shape: str, albedo=(0.9, 0.1, 0.1), sharpness: float = 300.0, peak: float = 200.0) -> AnalyticField:
+def shape_field(
+    shape: str, albedo=(0.9, 0.1, 0.1), sharpness: float = 300.0, peak: float = 200.0
+) -> AnalyticField:
     """A soft version of a world primitive: density peak·sigmoid(−sharpness·sdf)."""
     return AnalyticField(lambda p: peak * torch.sigmoid(-sharpness * shape_sdf(shape, p)), albedo)
 

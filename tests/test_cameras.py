@@ -18,10 +18,14 @@ def test_c2w_is_a_proper_rotation_and_the_centre_ray_hits_the_origin():
 
 
 def test_spherical_convention_and_up_vector():
-    cam = orbit_cameras(torch.tensor([0.0]), torch.tensor([90.0]), torch.tensor([2.0]), torch.tensor([40.0]), 8, 8)
+    cam = orbit_cameras(
+        torch.tensor([0.0]), torch.tensor([90.0]), torch.tensor([2.0]), torch.tensor([40.0]), 8, 8
+    )
     assert torch.allclose(cam.position, torch.tensor([[0.0, 2.0, 0.0]]), atol=1e-6)  # azimuth 90° is +Y
     assert torch.allclose(cam.c2w[0, :3, 1], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)  # image up is world +Z
-    top = orbit_cameras(torch.tensor([90.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([40.0]), 8, 8)
+    top = orbit_cameras(
+        torch.tensor([90.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([40.0]), 8, 8
+    )
     assert top.elevation_deg.item() == pytest.approx(89.0)  # clamped so the frame stays defined
     assert torch.isfinite(top.c2w).all()
 
@@ -29,7 +33,9 @@ def test_spherical_convention_and_up_vector():
 def test_a_known_point_projects_to_the_expected_pixel():
     # Camera on +X at distance 2 looking at the origin, fovy 90° on 100 px: focal = 50 px.
     # Facing −X with +Z up, image right is world +Y (right = forward × up) and image up is +Z.
-    cam = orbit_cameras(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([90.0]), 100, 100)
+    cam = orbit_cameras(
+        torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([90.0]), 100, 100
+    )
     pix = project(cam, torch.tensor([[[0.0, 0.5, 0.5]]]))
     # depth 2: column 50 + 50·0.5/2 = 62.5, row 50 − 50·0.5/2 = 37.5
     assert torch.allclose(pix, torch.tensor([[[62.5, 37.5]]]), atol=1e-4)

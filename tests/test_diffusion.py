@@ -26,7 +26,9 @@ def test_add_noise_equals_diffusers():
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])
-    ours = diffusion.add_noise(x, eps, t, diffusion.alphas_cumprod_from_config(diffusion.DDPM_SCHEDULER_CONFIG))
+    ours = diffusion.add_noise(
+        x, eps, t, diffusion.alphas_cumprod_from_config(diffusion.DDPM_SCHEDULER_CONFIG)
+    )
     assert torch.allclose(ours, sched.add_noise(x, eps, t), atol=1e-6)
 
 
@@ -37,7 +39,9 @@ def test_reparameterised_loss_has_gradient_exactly_g():
     loss = diffusion.reparameterised_loss(x, grad)
     loss.backward()
     # x − (x − g) = g up to one float32 rounding of x − g.
-    assert torch.allclose(x.grad, grad, rtol=0, atol=4 * torch.finfo(torch.float32).eps * x.abs().max().item())
+    assert torch.allclose(
+        x.grad, grad, rtol=0, atol=4 * torch.finfo(torch.float32).eps * x.abs().max().item()
+    )
     assert loss.item() == pytest.approx(0.5 * (grad**2).sum().item(), rel=1e-5)
 
 

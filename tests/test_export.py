@@ -6,14 +6,23 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from conftest import AnalyticField, shape_field
 
-from sds3d.export import EmptySceneError, ExportConfig, extract_mesh, render_turntable, write_mesh, write_turntable
+from conftest import AnalyticField, shape_field
+from sds3d.export import (
+    EmptySceneError,
+    ExportConfig,
+    extract_mesh,
+    render_turntable,
+    write_mesh,
+    write_turntable,
+)
 from sds3d.representations.nerf import BackgroundConfig
 from sds3d.world.metrics import mesh_iou
 from sds3d.world.shapes import shape_sdf
 
-CONFIG = ExportConfig(grid_resolution=64, iso_view_resolution=64, num_samples=96, turntable_frames=4, turntable_resolution=32)
+CONFIG = ExportConfig(
+    grid_resolution=64, iso_view_resolution=64, num_samples=96, turntable_frames=4, turntable_resolution=32
+)
 BG = BackgroundConfig().build()
 
 

@@ -65,7 +65,9 @@ def test_fixed_point_moves_linearly_with_the_guidance_scale():
 
 
 def _tiny_empirical(kernel=None):
-    config = EmpiricalPriorGuidanceConfig(views=WorldViewsConfig(resolution=8, views_per_object=12), camera_kernel_deg=kernel)
+    config = EmpiricalPriorGuidanceConfig(
+        views=WorldViewsConfig(resolution=8, views_per_object=12), camera_kernel_deg=kernel
+    )
     return config.build(CameraConfig())
 
 
@@ -105,7 +107,10 @@ def test_view_suffix_selects_the_views_and_camera_kernel_prefers_near_images():
     assert 0 < len(front.labels) < len(every.labels) and set(front.labels) == {"front"}
     # At huge noise the images barely differ in likelihood, so the camera kernel decides.
     i = 3
-    el, az = (torch.rad2deg(torch.asin(every.directions[i, 2:3])), torch.rad2deg(torch.atan2(every.directions[i, 1:2], every.directions[i, 0:1])))
+    el, az = (
+        torch.rad2deg(torch.asin(every.directions[i, 2:3])),
+        torch.rad2deg(torch.atan2(every.directions[i, 1:2], every.directions[i, 0:1])),
+    )
     cam = orbit_cameras(el, az, torch.tensor([2.5]), torch.tensor([40.0]), 8, 8)
     t = torch.tensor([999])
     x_t = torch.zeros(1, 3, 8, 8)

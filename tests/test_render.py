@@ -19,16 +19,22 @@ NUM_SAMPLES = 200
 
 
 def _camera(size: int = 3):
-    return orbit_cameras(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.5]), torch.tensor([10.0]), size, size)
+    return orbit_cameras(
+        torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.5]), torch.tensor([10.0]), size, size
+    )
 
 
 def _slab(sigma: float, half_thickness: float):
-    return lambda p: torch.where(p[:, 0].abs() < half_thickness, torch.full_like(p[:, 0], sigma), torch.zeros_like(p[:, 0]))
+    return lambda p: torch.where(
+        p[:, 0].abs() < half_thickness, torch.full_like(p[:, 0], sigma), torch.zeros_like(p[:, 0])
+    )
 
 
 def test_constant_density_slab_has_opacity_one_minus_exp(field_factory):
     sigma, thickness = 3.0, 0.5
-    out = render(field_factory(_slab(sigma, thickness / 2)), BackgroundConfig().build(), _camera(), NUM_SAMPLES)
+    out = render(
+        field_factory(_slab(sigma, thickness / 2)), BackgroundConfig().build(), _camera(), NUM_SAMPLES
+    )
     centre = out.opacity[0, 0, 1, 1].item()
     assert centre == pytest.approx(1 - math.exp(-sigma * thickness), rel=1e-4)
 
@@ -48,7 +54,9 @@ def test_opaque_slab_depth_is_its_distance(field_factory):
 
 
 def test_albedo_shows_through_an_opaque_slab(field_factory):
-    out = render(field_factory(_slab(1e4, 0.25), albedo=(0.1, 0.7, 0.3)), BackgroundConfig().build(), _camera(), 64)
+    out = render(
+        field_factory(_slab(1e4, 0.25), albedo=(0.1, 0.7, 0.3)), BackgroundConfig().build(), _camera(), 64
+    )
     assert torch.allclose(out.rgb[0, :, 1, 1], torch.tensor([0.1, 0.7, 0.3]), atol=1e-5)
 
 
@@ -80,7 +88,9 @@ def test_composite_matches_its_reference_twin_in_values_and_gradients():
 
 @pytest.mark.parametrize("log2_table_size", [19, 12])  # all levels dense; most levels hashed
 def test_hash_grid_matches_its_reference_twin_in_values_and_gradients(log2_table_size):
-    grid = HashGridConfig(num_levels=4, base_resolution=4, max_resolution=64, log2_table_size=log2_table_size).build()
+    grid = HashGridConfig(
+        num_levels=4, base_resolution=4, max_resolution=64, log2_table_size=log2_table_size
+    ).build()
     torch.nn.init.normal_(grid.tables)
     x = torch.rand(300, 3, generator=torch.Generator().manual_seed(1))
     x[0] = torch.tensor([1.0, 0.0, 1.0])  # the cube's faces

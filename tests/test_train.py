@@ -23,7 +23,9 @@ def tiny(name: str = "default", **overrides) -> RunConfig:
     config.guidance.views.views_per_object = 8
     config.guidance.views.uncond_views_per_object = 2
     config.validate_every = 0
-    return dataclasses.replace(config, **{"prompt": "a green sphere", "steps": 6, "checkpoint_every": 2, **overrides})
+    return dataclasses.replace(
+        config, **{"prompt": "a green sphere", "steps": 6, "checkpoint_every": 2, **overrides}
+    )
 
 
 def _params(run_dir):

@@ -62,7 +62,9 @@ def test_iou_metric_tells_shapes_apart():
 
 
 def test_analytic_render_of_a_sphere_is_a_disc_of_the_right_size():
-    cam = orbit_cameras(torch.tensor([30.0]), torch.tensor([20.0]), torch.tensor([2.5]), torch.tensor([40.0]), 96, 96)
+    cam = orbit_cameras(
+        torch.tensor([30.0]), torch.tensor([20.0]), torch.tensor([2.5]), torch.tensor([40.0]), 96, 96
+    )
     out = render_object(WorldObject("sphere", "green"), cam)
     # Angular radius asin(r/d); image radius = focal·tan(asin(r/d)).
     focal = 48 / math.tan(math.radians(20))

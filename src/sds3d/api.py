@@ -53,7 +53,7 @@ def software_versions() -> dict[str, str]:
 
     return {
         "sds3d": sds3d.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "numpy": numpy.__version__, "trimesh": trimesh.__version__,
+        "diffusers": diffusers.__version__, "numpy": numpy.__version__, "trimesh": str(trimesh.__version__),
         "platform": platform.platform(),
     }  # fmt: skip
 
@@ -74,7 +74,9 @@ def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
     return files
 
 
-def generate(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True) -> GenerateOutput:
+def generate(
+    config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True
+) -> GenerateOutput:
     """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it)."""
     run_dir = Path(run_dir)
     result = train(config, run_dir, resume=resume, progress=progress)

@@ -95,12 +95,15 @@ def orbit_cameras(
     azimuth_deg = torch.remainder(azimuth_deg + 180.0, 360.0) - 180.0
     el_rad, az_rad = torch.deg2rad(elevation_deg), torch.deg2rad(azimuth_deg)
     position = torch.stack(
-        [radius * el_rad.cos() * az_rad.cos(), radius * el_rad.cos() * az_rad.sin(), radius * el_rad.sin()], dim=-1
+        [radius * el_rad.cos() * az_rad.cos(), radius * el_rad.cos() * az_rad.sin(), radius * el_rad.sin()],
+        dim=-1,
     )
     return Cameras(look_at_c2w(position), fovy_deg, elevation_deg, azimuth_deg, radius, width, height)
 
 
-def sample_cameras(config: CameraConfig, generator: torch.Generator | None = None, batch_size: int | None = None) -> Cameras:
+def sample_cameras(
+    config: CameraConfig, generator: torch.Generator | None = None, batch_size: int | None = None
+) -> Cameras:
     """Random cameras, each quantity uniform in its configured range."""
     n = config.batch_size if batch_size is None else batch_size
 

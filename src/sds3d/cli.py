@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a NeRF for PROMPT by score distillation, then write mesh.glb/.ply/.obj, turntable.gif "
             "and summary.json. The default prior is the built-in *empirical prior of the synthetic world*: "
             "the exact denoiser of ground-truth renders of 30 objects, so PROMPT must read "
-            "\"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}\". "
+            '"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}". '
             "Learned and Stable Diffusion priors come in later releases."
         ),
     )
@@ -103,7 +103,9 @@ def _prepare_run_dir(args: argparse.Namespace, prompt: str) -> Path:
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
-            raise UserError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+            raise UserError(
+                f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it"
+            )
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not an sds3d run folder (no config.json); refusing to delete it")
         shutil.rmtree(run_dir)
@@ -115,7 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _resolve_config(args)
     run_dir = _prepare_run_dir(args, config.prompt)
-    print(f"sds3d: {config.prompt!r}, preset {config.preset}, {config.steps} steps, seed {config.seed} -> {run_dir}")
+    print(
+        f"sds3d: {config.prompt!r}, preset {config.preset}, {config.steps} steps, seed {config.seed} -> {run_dir}"
+    )
     out = generate(config, run_dir, resume=args.resume, progress=not args.no_progress)
     if out.train.interrupted:
         print(

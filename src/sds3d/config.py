@@ -19,7 +19,11 @@ from typing import Any, Union
 from sds3d.cameras import CameraConfig
 from sds3d.errors import UserError
 from sds3d.export import ExportConfig
-from sds3d.guidance.analytic import EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, WorldViewsConfig
+from sds3d.guidance.analytic import (
+    EmpiricalPriorGuidanceConfig,
+    GaussianPriorGuidanceConfig,
+    WorldViewsConfig,
+)
 from sds3d.guidance.base import SDSConfig
 from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp, Scheduled
@@ -28,7 +32,10 @@ from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig]
-GUIDANCE_KINDS: dict[str, type] = {"empirical": EmpiricalPriorGuidanceConfig, "gaussian": GaussianPriorGuidanceConfig}
+GUIDANCE_KINDS: dict[str, type] = {
+    "empirical": EmpiricalPriorGuidanceConfig,
+    "gaussian": GaussianPriorGuidanceConfig,
+}
 
 
 @dataclass
@@ -78,7 +85,9 @@ class RunConfig:
 # removes semi-transparent haze. Cameras reach 85° elevation so that the torus hole is seen.
 _DEFAULT = RunConfig(
     steps=400,
-    camera=CameraConfig(elevation_deg=(-10.0, 85.0), radius=(2.5, 2.5), fovy_deg=(40.0, 40.0), width=32, height=32),
+    camera=CameraConfig(
+        elevation_deg=(-10.0, 85.0), radius=(2.5, 2.5), fovy_deg=(40.0, 40.0), width=32, height=32
+    ),
     nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=8, max_resolution=128)),
     renderer=VolumeRendererConfig(num_samples=40),
     guidance=EmpiricalPriorGuidanceConfig(
@@ -137,8 +146,10 @@ def _convert(tp: Any, value: Any) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        kwargs = {f.name: _convert(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value}
-        return tp(**kwargs)
+        kwargs = {
+            f.name: _convert(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value
+        }
+        return typing.cast(Any, tp)(**kwargs)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if isinstance(value, dict) and "kind" in value and value["kind"] in GUIDANCE_KINDS:

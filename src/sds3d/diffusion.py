@@ -115,10 +115,14 @@ def dreamtime_prior(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > DREAMTIME_M1, high, torch.where(t < DREAMTIME_M2, low, torch.ones_like(t)))
 
 
-def dreamtime_timestep(step_ratio: float, t_min: float, t_max: float, num_train_timesteps: int = 1000) -> float:
+def dreamtime_timestep(
+    step_ratio: float, t_min: float, t_max: float, num_train_timesteps: int = 1000
+) -> float:
     """TP-SDS: the t whose upper tail mass Σ_{t ≥ t'} p(t) is closest to `step_ratio` (p ∝ W_p on
     [t_min, t_max]), so t falls monotonically from t_max to t_min as training progresses."""
-    grid = torch.arange(round(t_min * num_train_timesteps), round(t_max * num_train_timesteps) + 1, dtype=torch.float64)
+    grid = torch.arange(
+        round(t_min * num_train_timesteps), round(t_max * num_train_timesteps) + 1, dtype=torch.float64
+    )
     p = dreamtime_prior(grid * 1000.0 / num_train_timesteps)
     p = p / p.sum()
     upper_tail = torch.flip(torch.cumsum(torch.flip(p, [0]), 0), [0])  # Σ_{t ≥ grid[i]} p(t)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from sds3d.cameras import orbit_cameras, turntable_cameras
 from sds3d.errors import UserError
-from sds3d.render.volume import INFERENCE_CHUNK, render
+from sds3d.render.volume import INFERENCE_CHUNK, Shading, render
 from sds3d.representations.nerf import Background, HashGridNeRF
 
 # (x, y, z) +Z up → (x, z, −y) +Y up.
@@ -106,9 +107,19 @@ def choose_iso_level(nerf: HashGridNeRF, background: Background, config: ExportC
     return best, best_iou
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
+def axis_visibility(grid: np.ndarray, spacing: float) -> np.ndarray:
+    """The largest transmittance [R, R, R] from outside the grid to each voxel along the six axis
+    directions, exp(−Σ τ·δ) over the voxels in front of it (its own excluded)."""
+    depth = grid.astype(np.float64) * spacing
+    best = np.zeros_like(depth)
+    for axis in range(3):
+        forward = np.cumsum(depth, axis=axis) - depth
+        backward = np.flip(np.cumsum(np.flip(depth, axis), axis=axis), axis) - depth
+        best = np.maximum(best, np.exp(-np.minimum(forward, backward)))
+    return best
 
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask
@@ -123,13 +134,21 @@ def extract_mesh(nerf: HashGridNeRF, background: Background, config: ExportConfi
 
     level, sil_iou = choose_iso_level(nerf, background, config)
     grid = density_grid(nerf, config.grid_resolution)
-    mask = grid > level
+    above = grid > level
+    # Cameras never see inside an object, and training leaves its inside as it likes: often a
+    # dense shell over low-density pockets. Voxels hidden from all six axis directions count as
+    # solid, so the mesh is one closed surface and not a shell around hidden cavities.
+    spacing = 2 * nerf.config.bound / (config.grid_resolution - 1)
+    solid = above | (axis_visibility(grid, spacing) < OPAQUE)
     if config.keep_largest_component:
-        mask = largest_component(mask)
-    if mask.sum() == 0:
+        solid = largest_component(solid)
+    solid = ndimage.binary_fill_holes(solid)
+    if not (solid & above).any():
         raise EmptySceneError(f"no density above the chosen iso-level {level:.3g}; nothing to export")
-    # Pad with empty space so every surface closes, and zero the discarded components.
-    field = np.pad(np.where(mask, grid, np.minimum(grid, level * 0.5)), 1, constant_values=0.0)
+    field = grid.copy()
+    field[solid & ~above] = 2 * level
+    field[~solid] = np.minimum(field[~solid], 0.5 * level)  # discarded components
+    field = np.pad(field, 1, constant_values=0.0)  # empty space all round closes every surface
     verts, faces, _, _ = marching_cubes(field, level=level)
     b, r = nerf.config.bound, config.grid_resolution
     verts = (verts - 1) * (2 * b / (r - 1)) - b
@@ -162,7 +181,9 @@ def write_mesh(mesh: MeshOutput, out_dir: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def render_turntable(nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: str = "albedo") -> np.ndarray:
+def render_turntable(
+    nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: str = "albedo"
+) -> np.ndarray:
     """[N, H, W, 3] uint8 frames of a fixed orbit (starting at the front, azimuth 0°)."""
     res = config.turntable_resolution
     cams = turntable_cameras(config.turntable_frames, config.turntable_elevation_deg, config.view_radius,
@@ -175,7 +196,9 @@ def render_turntable(nerf: HashGridNeRF, background: Background, config: ExportC
         with torch.set_grad_enabled(shading != "albedo"):  # normals need autograd of the density
             out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
                          random_background=False)  # fmt: skip
-        frames.append((out.rgb.detach()[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+        frames.append(
+            (out.rgb.detach()[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        )
     return np.stack(frames)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, ray_dirs: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
+def orientation_loss(
+    weights: torch.Tensor, normals: torch.Tensor, ray_dirs: torch.Tensor, opacity: torch.Tensor
+) -> torch.Tensor:
     """weights [R, N], normals [R, N, 3], ray_dirs [R, 3], opacity [R] → scalar."""
     facing = (normals * ray_dirs[:, None, :]).sum(dim=-1).clamp_min(0.0)
     return (weights.detach() * facing**2).sum() / (opacity > 0).sum().clamp_min(1)

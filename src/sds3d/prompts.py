@@ -31,7 +31,7 @@ class PromptConfig:
 def validate_prompt(prompt: str) -> str:
     text = " ".join(prompt.split())
     if not text:
-        raise UserError("the prompt is empty; say what to make, e.g. \"a blue torus\"")
+        raise UserError('the prompt is empty; say what to make, e.g. "a blue torus"')
     if len(text) > MAX_PROMPT_CHARS:
         raise UserError(f"the prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
     return text

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,11 +96,16 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, in
     return config, scene, int(state["step"])
 
 
-def save_checkpoint(path: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor) -> None:
+def save_checkpoint(
+    path: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
+) -> None:
     """Written to a temporary file and renamed, so a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}, tmp)
+    torch.save(
+        {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state},
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -129,7 +135,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: Any = None
 
     def __enter__(self) -> _StopRequest:
         try:
@@ -148,7 +154,9 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True, on_step=None) -> TrainOutput:
+def train(
+    config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True, on_step=None
+) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
     `on_step(step, scene)` is called after each completed step (used by tests and benchmarks).
@@ -203,7 +211,9 @@ def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress
             opacity = out.opacity.flatten()
             terms = {"sds": g.loss}
             if orientation_w > 0 and out.sample_normals is not None:
-                terms["orientation"] = orientation_w * losses.orientation_loss(out.weights, out.sample_normals, out.ray_dirs, opacity)
+                terms["orientation"] = orientation_w * losses.orientation_loss(
+                    out.weights, out.sample_normals, out.ray_dirs, opacity
+                )
             if (w := value_at(reg.sparsity, step_ratio)) > 0:
                 terms["sparsity"] = w * losses.sparsity_loss(opacity)
             if (w := value_at(reg.entropy, step_ratio)) > 0:
@@ -212,7 +222,10 @@ def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last = {k: v.detach() for k, v in terms.items()} | {"loss": loss.detach(), "grad_norm": g.grad_norm.detach()}
+            last = {k: v.detach() for k, v in terms.items()} | {
+                "loss": loss.detach(),
+                "grad_norm": g.grad_norm.detach(),
+            }
 
             done = step + 1
             if done % sync_every == 0 or done == config.steps:
@@ -220,7 +233,11 @@ def train(config: RunConfig, run_dir: Path | str, resume: bool = False, progress
                 if not np.isfinite(value) or not _finite(scene):
                     bar.close()
                     kept = _checkpoint_step(run_dir)
-                    where = f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}" if kept is not None else "no checkpoint was written yet"
+                    where = (
+                        f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}"
+                        if kept is not None
+                        else "no checkpoint was written yet"
+                    )
                     raise DivergedError(f"training diverged to NaN/Inf at step {done}; {where}")
                 bar.set_postfix(loss=f"{value:.4g}", t=int(g.timesteps[0]))
             bar.update(1)

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from sds3d import diffusion
-from sds3d.cameras import Cameras, CameraConfig, view_labels
+from sds3d.cameras import CameraConfig, Cameras, view_labels
 from sds3d.errors import UserError
 from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
 from sds3d.prompts import strip_view
@@ -37,8 +37,8 @@ def _world_object(text: str) -> WorldObject:
     obj = parse_prompt(text)
     if obj is None:
         raise UserError(
-            f"the built-in analytic priors know only the 30 synthetic-world prompts (\"a {{colour}} {{shape}}\", "
-            f"e.g. \"a blue torus\"), not {text!r}"
+            f'the built-in analytic priors know only the 30 synthetic-world prompts ("a {{colour}} {{shape}}", '
+            f'e.g. "a blue torus"), not {text!r}'
         )
     return obj
 
@@ -73,12 +73,18 @@ class ImageSet:
     labels: list[str]
 
     def subset(self, keep: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[keep], self.directions[keep], [lab for lab, k in zip(self.labels, keep.tolist(), strict=True) if k])
+        return ImageSet(
+            self.images[keep],
+            self.directions[keep],
+            [lab for lab, k in zip(self.labels, keep.tolist(), strict=True) if k],
+        )
 
     @staticmethod
     def concat(sets: Sequence[ImageSet]) -> ImageSet:
         return ImageSet(
-            torch.cat([s.images for s in sets]), torch.cat([s.directions for s in sets]), [lab for s in sets for lab in s.labels]
+            torch.cat([s.images for s in sets]),
+            torch.cat([s.directions for s in sets]),
+            [lab for s in sets for lab in s.labels],
         )
 
 
@@ -95,7 +101,9 @@ class GaussianPriorGuidanceConfig:
 
     kind: Literal["gaussian"] = "gaussian"
 
-    def build(self, camera: CameraConfig, means: dict[str, torch.Tensor] | None = None) -> GaussianPriorGuidance:
+    def build(
+        self, camera: CameraConfig, means: dict[str, torch.Tensor] | None = None
+    ) -> GaussianPriorGuidance:
         return GaussianPriorGuidance(self, camera, means)
 
 
@@ -104,7 +112,10 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
     prompts, from the average ground-truth render of the object."""
 
     def __init__(
-        self, config: GaussianPriorGuidanceConfig, camera: CameraConfig, means: dict[str, torch.Tensor] | None = None
+        self,
+        config: GaussianPriorGuidanceConfig,
+        camera: CameraConfig,
+        means: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__(config.sds, config.scheduler)
         self.config = config
@@ -116,7 +127,9 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
         if base not in self.means:
             views = self.config.views
             if base == "":
-                sets = [views.render(o, views.uncond_views_per_object, self.camera).images for o in all_objects()]
+                sets = [
+                    views.render(o, views.uncond_views_per_object, self.camera).images for o in all_objects()
+                ]
                 mean = torch.cat(sets).mean(0)
             else:
                 mean = views.render(_world_object(base), views.views_per_object, self.camera).images.mean(0)
@@ -171,7 +184,9 @@ class EmpiricalPriorGuidance(NoisePredictionGuidance):
         base, label = strip_view(text)
         views = self.config.views
         if base == "":
-            return ImageSet.concat([self._object_views(o, views.uncond_views_per_object) for o in all_objects()])
+            return ImageSet.concat(
+                [self._object_views(o, views.uncond_views_per_object) for o in all_objects()]
+            )
         image_set = self._object_views(_world_object(base), views.views_per_object)
         if label is not None:
             keep = torch.tensor([lab == label for lab in image_set.labels])
@@ -194,7 +209,7 @@ class EmpiricalPriorGuidance(NoisePredictionGuidance):
             xi = x_t[i].reshape(1, -1)
             images = image_set.images.to(x_t)
             logits = -((xi - alpha * images) ** 2).sum(dim=1) / (2 * sigma**2)
-            if directions is not None:
+            if directions is not None and kernel is not None:
                 cos = (image_set.directions.to(x_t) @ directions[i]).clamp(-1.0, 1.0)
                 logits = logits - torch.rad2deg(torch.arccos(cos)) ** 2 / (2 * kernel**2)
             x0 = torch.softmax(logits, dim=0) @ images

@@ -54,14 +54,18 @@ class GuidanceOutput:
 class NoisePredictionGuidance(nn.Module):
     """Base class of ε-prediction priors. Subclasses implement the three protocol methods."""
 
+    alphas_cumprod: torch.Tensor  # [T], a buffer
+
     def __init__(self, sds: SDSConfig, scheduler_config: dict):
         super().__init__()
         self.sds = sds
-        self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_from_config(scheduler_config), persistent=False)
+        self.register_buffer(
+            "alphas_cumprod", diffusion.alphas_cumprod_from_config(scheduler_config), persistent=False
+        )
 
     @property
     def num_train_timesteps(self) -> int:
-        return self.alphas_cumprod.shape[0]
+        return int(self.alphas_cumprod.shape[0])
 
     # --- the protocol -------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> Any:
@@ -93,7 +97,9 @@ class NoisePredictionGuidance(nn.Module):
         x = self.encode_images(rgb)
         b = x.shape[0]
         # 1. Timestep and noise.
-        bounds = diffusion.timestep_bounds(sds.t_schedule, step_ratio, sds.t_min, sds.t_max, sds.t_max_end, sds.t_drop_at)
+        bounds = diffusion.timestep_bounds(
+            sds.t_schedule, step_ratio, sds.t_min, sds.t_max, sds.t_max_end, sds.t_drop_at
+        )
         t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
         abar_t = self.alphas_cumprod[t]
@@ -105,7 +111,9 @@ class NoisePredictionGuidance(nn.Module):
                 eps = self.predict_noise(x_t, t, list(cond), cameras)
             else:
                 both_cams = None if cameras is None else _concat_cameras(cameras, cameras)
-                eps_both = self.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams)
+                eps_both = self.predict_noise(
+                    torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
+                )
                 eps_uncond, eps_cond = eps_both.chunk(2)
                 eps = diffusion.classifier_free_guidance(eps_uncond, eps_cond, sds.guidance_scale)
         # 3. w(t)(ε̂ − ε), guarded and clipped, injected as a gradient.
@@ -131,7 +139,9 @@ def resize_to(rgb: torch.Tensor, resolution: int) -> torch.Tensor:
     """Bilinear (antialiased) resize of [B, C, H, W] to the model resolution; identity if equal."""
     if rgb.shape[-1] == resolution and rgb.shape[-2] == resolution:
         return rgb
-    return F.interpolate(rgb, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(
+        rgb, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def _concat_cameras(a: Cameras, b: Cameras) -> Cameras:

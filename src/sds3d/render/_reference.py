@@ -40,6 +40,8 @@ def hash_grid_encode_reference(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:
                     wx = f[:, 0] if dx else 1 - f[:, 0]
                     wy = f[:, 1] if dy else 1 - f[:, 1]
                     wz = f[:, 2] if dz else 1 - f[:, 2]
-                    level_out = level_out + (wx * wy * wz)[:, None] * table[corner_index(c, res, grid.table_size)]
+                    level_out = (
+                        level_out + (wx * wy * wz)[:, None] * table[corner_index(c, res, grid.table_size)]
+                    )
         feats.append(level_out)
     return torch.cat(feats, dim=1)

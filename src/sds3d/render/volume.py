@@ -49,7 +49,9 @@ class RenderOutput:
     sample_density: torch.Tensor  # [R, N]
 
 
-def ray_box_intersection(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ray_box_intersection(
+    origins: torch.Tensor, dirs: torch.Tensor, bound: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Entry and exit distances [R] of rays [R, 3] with the cube [−bound, bound]³ (slab method);
     near ≥ far marks a miss."""
     safe = torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
@@ -60,21 +62,29 @@ def ray_box_intersection(origins: torch.Tensor, dirs: torch.Tensor, bound: float
     return near, far
 
 
-def composite(density: torch.Tensor, color: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def composite(
+    density: torch.Tensor, color: torch.Tensor, deltas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Alpha compositing of N samples per ray: density [R, N], color [R, N, C], deltas [R, N]
     → (color [R, C], weights [R, N]). `_reference.composite_reference` is its loop twin."""
     alpha = 1 - torch.exp(-density * deltas)
-    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], dim=1), dim=1)
+    transmittance = torch.cumprod(
+        torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], dim=1), dim=1
+    )
     weights = alpha * transmittance
     return (weights[..., None] * color).sum(dim=1), weights
 
 
-def sample_lights(cameras: Cameras, config: VolumeRendererConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_lights(
+    cameras: Cameras, config: VolumeRendererConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Point lights near each camera: direction normalize(camera + N(0, jitter²)), distance factor
     uniform in `light_distance` times the camera radius (threestudio `dreamfusion`). [B, 3]"""
     b = len(cameras)
     pos = cameras.position
-    direction = F.normalize(pos + config.light_jitter * torch.randn(b, 3, generator=generator).to(pos), dim=-1)
+    direction = F.normalize(
+        pos + config.light_jitter * torch.randn(b, 3, generator=generator).to(pos), dim=-1
+    )
     lo, hi = config.light_distance
     dist = (lo + (hi - lo) * torch.rand(b, generator=generator).to(pos)) * cameras.radius
     return direction * dist[:, None]
@@ -131,7 +141,11 @@ def render(
     hit = far > near
     far = torch.where(hit, far, near)
     # 1. Stratified sample positions inside the cube.
-    u = torch.rand(r, num_samples, generator=generator).to(rays_o) if stratified else torch.full((r, num_samples), 0.5).to(rays_o)
+    u = (
+        torch.rand(r, num_samples, generator=generator).to(rays_o)
+        if stratified
+        else torch.full((r, num_samples), 0.5).to(rays_o)
+    )
     bins = (torch.arange(num_samples, device=rays_o.device, dtype=rays_o.dtype)[None] + u) / num_samples
     span = (far - near)[:, None]
     t = near[:, None] + span * bins  # [R, N]

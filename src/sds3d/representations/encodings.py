@@ -20,7 +20,9 @@ from torch import nn
 # Instant-NGP's hash primes (π_1 = 1 keeps the first axis coherent in memory).
 HASH_PRIMES = (1, 2654435761, 805459861)
 # The 8 voxel corners as offsets, in the order (x, y, z) bits.
-CORNER_OFFSETS = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
+CORNER_OFFSETS = torch.tensor(
+    [[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long
+)
 
 
 @dataclass
@@ -40,9 +42,13 @@ def level_resolutions(config: HashGridConfig) -> list[int]:
     """N_l = floor(N_min · b^l) with b chosen so that the last level reaches N_max."""
     if config.num_levels == 1:
         return [config.base_resolution]
-    growth = math.exp((math.log(config.max_resolution) - math.log(config.base_resolution)) / (config.num_levels - 1))
+    growth = math.exp(
+        (math.log(config.max_resolution) - math.log(config.base_resolution)) / (config.num_levels - 1)
+    )
     # The 1e-6 keeps floor() from losing the last level to rounding (4·4³ must give 64, not 63).
-    return [int(math.floor(config.base_resolution * growth**level + 1e-6)) for level in range(config.num_levels)]
+    return [
+        int(math.floor(config.base_resolution * growth**level + 1e-6)) for level in range(config.num_levels)
+    ]
 
 
 def corner_index(corner: torch.Tensor, resolution: int, table_size: int) -> torch.Tensor:
@@ -59,6 +65,9 @@ def corner_index(corner: torch.Tensor, resolution: int, table_size: int) -> torc
 class HashGrid(nn.Module):
     """Points in [0, 1]³ → [N, L·F] features."""
 
+    _resolutions: torch.Tensor
+    _corner_offsets: torch.Tensor
+
     def __init__(self, config: HashGridConfig):
         super().__init__()
         self.config = config
@@ -66,9 +75,12 @@ class HashGrid(nn.Module):
         self.resolutions = level_resolutions(config)
         # One table of T rows per level, stored flat; dense levels use only their first (N+1)³ rows.
         self.tables = nn.Parameter(
-            (torch.rand(config.num_levels * self.table_size, config.features_per_level) * 2 - 1) * config.init_scale
+            (torch.rand(config.num_levels * self.table_size, config.features_per_level) * 2 - 1)
+            * config.init_scale
         )
-        self.register_buffer("_resolutions", torch.tensor(self.resolutions, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "_resolutions", torch.tensor(self.resolutions, dtype=torch.float32), persistent=False
+        )
         self.register_buffer("_corner_offsets", CORNER_OFFSETS.clone(), persistent=False)
 
     @property
@@ -96,7 +108,9 @@ class HashGrid(nn.Module):
                 idx = cx[:, None, None, :] + side * (cy[:, None, :, None] + side * cz[:, :, None, None])
             else:
                 hx, hy, hz = cx * HASH_PRIMES[0], cy * HASH_PRIMES[1], cz * HASH_PRIMES[2]
-                idx = torch.bitwise_xor(torch.bitwise_xor(hx[:, None, None, :], hy[:, None, :, None]), hz[:, :, None, None])
+                idx = torch.bitwise_xor(
+                    torch.bitwise_xor(hx[:, None, None, :], hy[:, None, :, None]), hz[:, :, None, None]
+                )
                 idx = torch.remainder(idx, self.table_size)
             index[:, level] = idx.reshape(n, 8) + level * self.table_size
         # index_select: its backward (index_add_) is deterministic on the CPU, unlike indexing.

@@ -94,7 +94,9 @@ class Background(nn.Module):
         super().__init__()
         self.config = config
         if config.kind == "learned":
-            self.mlp = nn.Sequential(nn.Linear(3, config.hidden_dim), nn.ReLU(inplace=True), nn.Linear(config.hidden_dim, 3))
+            self.mlp = nn.Sequential(
+                nn.Linear(3, config.hidden_dim), nn.ReLU(inplace=True), nn.Linear(config.hidden_dim, 3)
+            )
 
     def forward(
         self, dirs: torch.Tensor, generator: torch.Generator | None = None, random: bool = True

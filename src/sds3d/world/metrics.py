@@ -8,6 +8,7 @@ voxel centres; a mesh's occupancy is found by ray parity along +Z through each c
 from __future__ import annotations
 
 import colorsys
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,9 @@ from sds3d.world.shapes import COLORS, occupancy_grid
 _JITTER = (1.3e-4, 2.7e-4)
 
 
-def mesh_occupancy(vertices: np.ndarray, faces: np.ndarray, resolution: int, bound: float = 1.0) -> np.ndarray:
+def mesh_occupancy(
+    vertices: np.ndarray, faces: np.ndarray, resolution: int, bound: float = 1.0
+) -> np.ndarray:
     """Boolean [R, R, R] (index order x, y, z): which voxel centres lie inside the closed mesh."""
     pitch = 2 * bound / resolution
     centres = (np.arange(resolution) + 0.5) * pitch - bound
@@ -62,12 +65,22 @@ def mesh_occupancy(vertices: np.ndarray, faces: np.ndarray, resolution: int, bou
     return (occ % 2 == 1).reshape(resolution, resolution, resolution)
 
 
+def load_mesh_arrays(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vertices [V, 3], faces [F, 3], RGB colours [V, 3] uint8) of a mesh file."""
+    import trimesh
+
+    mesh: Any = trimesh.load(path, force="mesh")
+    return np.asarray(mesh.vertices), np.asarray(mesh.faces), np.asarray(mesh.visual.vertex_colors)[:, :3]
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def mesh_iou(vertices: np.ndarray, faces: np.ndarray, shape: str, resolution: int = 64, bound: float = 1.0) -> float:
+def mesh_iou(
+    vertices: np.ndarray, faces: np.ndarray, shape: str, resolution: int = 64, bound: float = 1.0
+) -> float:
     """3D IoU of a closed mesh (world units, +Z up) with a ground-truth primitive."""
     return iou(mesh_occupancy(vertices, faces, resolution, bound), occupancy_grid(shape, resolution, bound))
 

@@ -51,7 +51,11 @@ def render_object(
     lights = None if light_positions is None else light_positions.repeat_interleave(h * w, dim=0)
     color = shade(albedo, normals, p, lights, shading, ambient) if shading != "albedo" else albedo
     bg = torch.as_tensor(background, dtype=p.dtype)
-    bg = bg.expand(b, 3).repeat_interleave(h * w, dim=0) if bg.ndim == 1 else bg.repeat_interleave(h * w, dim=0)
+    bg = (
+        bg.expand(b, 3).repeat_interleave(h * w, dim=0)
+        if bg.ndim == 1
+        else bg.repeat_interleave(h * w, dim=0)
+    )
     mask = hit[:, None].to(p.dtype)
     rgb = mask * color + (1 - mask) * bg
 

@@ -114,7 +114,9 @@ def ground_truth_mesh(shape: str):
         mesh.apply_translation([0, 0, -CONE_HALF_HEIGHT])
         return mesh
     if shape == "torus":
-        return trimesh.creation.torus(major_radius=TORUS_MAJOR, minor_radius=TORUS_MINOR, major_sections=64, minor_sections=32)
+        return trimesh.creation.torus(
+            major_radius=TORUS_MAJOR, minor_radius=TORUS_MINOR, major_sections=64, minor_sections=32
+        )
     raise ValueError(f"unknown shape {shape!r}")
 
 
