@@ -182,7 +182,7 @@ def write_mesh(mesh: MeshOutput, out_dir: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def render_turntable(
-    nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: str = "albedo"
+    nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: Shading = "albedo"
 ) -> np.ndarray:
     """[N, H, W, 3] uint8 frames of a fixed orbit (starting at the front, azimuth 0°)."""
     res = config.turntable_resolution

@@ -82,9 +82,7 @@ def time_demo() -> dict[str, float]:
         obj = parse_prompt(DEMO_PROMPT)
         assert obj is not None
         iou = mesh_iou(verts, faces, obj.shape)
-        color = nearest_color(
-            area_weighted_color(mesh.vertices, mesh.faces, mesh.visual.vertex_colors[:, :3])
-        )
+        color = nearest_color(area_weighted_color(verts, faces, colors))
     return {
         "total_s": round(total, 1), "train_s": round(out.train.wall_s, 1), "export_s": out.summary["export_wall_s"],
         "it_per_s": round(out.train.it_per_s, 2), "steps": config.steps, "iou": round(iou, 3), "color": color,

@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         obj = parse_prompt(prompt)
         assert obj is not None
         iou = mesh_iou(verts, faces, obj.shape)
-        color = nearest_color(
-            area_weighted_color(mesh.vertices, mesh.faces, mesh.visual.vertex_colors[:, :3])
-        )
+        color = nearest_color(area_weighted_color(verts, faces, colors))
         results.append({"prompt": prompt, "iou": round(iou, 3), "color": color, "color_ok": color == obj.color,
                         "seconds": round(seconds, 1)})  # fmt: skip
         step = max(len(frames) // FRAMES_PER_ROW, 1)
