@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=8
 
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks

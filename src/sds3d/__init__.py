@@ -4,6 +4,5 @@ __version__ = "0.1.0"
 
 from sds3d.api import export_run, generate  # noqa: E402
 from sds3d.config import PRESETS, RunConfig, preset  # noqa: E402
-from sds3d.train import train  # noqa: E402
 
-__all__ = ["PRESETS", "RunConfig", "export_run", "generate", "preset", "train", "__version__"]
+__all__ = ["PRESETS", "RunConfig", "export_run", "generate", "preset", "__version__"]
