@@ -38,6 +38,15 @@ def _one_line_error(capsys, argv) -> str:
         (["export", "/nonexistent/run"], "not an sds3d run folder"),
         (["render", "/nonexistent/run"], "not an sds3d run folder"),
         (["bogus"], "invalid choice"),
+        (
+            ["generate", "a red cube", "--model", "/nonexistent/model"],
+            "model folder '/nonexistent/model' does not exist",
+        ),
+        (["generate", "a red cube", "--prior", "pixel-unet"], "needs --model"),
+        (
+            ["generate", "a red cube", "--prior", "gaussian", "--model", "x"],
+            "--model is for the pixel-unet prior",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, needle):

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt")
     g.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: default)")
-    g.add_argument("--prior", choices=None, help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
+    g.add_argument("--prior", help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
+    g.add_argument(
+        "--model", help="diffusers folder or hub id of the pixel-unet prior (implies --prior pixel-unet)"
+    )
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
     g.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
     g.add_argument("--out", type=Path, help="run folder (default: outputs/<slug-of-prompt>-<timestamp>/)")
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace):
-    from sds3d.config import GUIDANCE_KINDS, load_config, preset
+    from sds3d.config import GUIDANCE_KINDS, PixelUNetGuidanceConfig, load_config, preset
     from sds3d.prompts import validate_prompt
 
     prompt = validate_prompt(args.prompt)
@@ -82,11 +85,18 @@ def _resolve_config(args: argparse.Namespace):
             raise UserError(f"{args.out} is a run for {config.prompt!r}, not {prompt!r}")
     else:
         config = dataclasses.replace(preset(args.preset), prompt=prompt)
-        if args.prior is not None:
-            if args.prior not in GUIDANCE_KINDS:
-                raise UserError(f"unknown prior {args.prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
-            if config.guidance.kind != args.prior:
-                config.guidance = GUIDANCE_KINDS[args.prior](views=config.guidance.views)
+        prior = args.prior or ("pixel-unet" if args.model else None)
+        if prior is not None:
+            if prior not in GUIDANCE_KINDS:
+                raise UserError(f"unknown prior {prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
+            if prior == "pixel-unet":
+                if not args.model:
+                    raise UserError("--prior pixel-unet needs --model, a diffusers folder or hub id")
+                config.guidance = PixelUNetGuidanceConfig(model=args.model)
+            elif args.model:
+                raise UserError(f"--model is for the pixel-unet prior, not {prior!r}")
+            elif config.guidance.kind != prior:
+                config.guidance = GUIDANCE_KINDS[prior]()
         if args.seed is not None:
             config.seed = args.seed
     if args.steps is not None:

@@ -162,11 +162,13 @@ def train(
     `on_step(step, scene)` is called after each completed step (used by tests and benchmarks).
     """
     run_dir = Path(run_dir)
+    # The prior first: a missing model or an unknown prompt fails before anything is written.
+    guidance = build_guidance(config)
+    prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
+    prompts.embedding(config.prompt)
     run_dir.mkdir(parents=True, exist_ok=True)
     scene = build_scene(config)
     optimizer = build_optimizer(config, scene)
-    guidance = build_guidance(config)
-    prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
     generator = torch.Generator().manual_seed(config.seed)
     start = 0
     if resume:
@@ -194,6 +196,7 @@ def train(
             cameras = sample_cameras(config.camera, generator)
             shading = choose_shading(config.renderer, generator)
             lights = sample_lights(cameras, config.renderer, generator) if shading != "albedo" else None
+            cond, uncond = prompts(cameras)  # view labels from the host copy: no device sync
             cameras = cameras.to(config.device)
             # 2. Render.
             reg = config.regularizers
@@ -205,7 +208,6 @@ def train(
                 generator=generator,
             )  # fmt: skip
             # 3. Score distillation.
-            cond, uncond = prompts(cameras)
             g = guidance(out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator)
             # 4. Regularisers and the optimiser step.
             opacity = out.opacity.flatten()
