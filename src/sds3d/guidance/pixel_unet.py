@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from sds3d.cameras import Cameras, CameraConfig
+from sds3d.cameras import CameraConfig, Cameras
 from sds3d.errors import UserError
 from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
 

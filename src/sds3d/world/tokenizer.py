@@ -28,7 +28,10 @@ def _pieces(word: str) -> list[str]:
 def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE loop: merge the lowest-ranked adjacent pair until none is known."""
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [
+            (ranks.get((a, b), len(ranks) + 1), i)
+            for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))
+        ]
         rank, i = min(pairs)
         if rank > len(ranks):
             break
