@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {result['machine']['torch']} ({result['machine']['torch_threads']} threads)",
         "",
         f"Default preset: {cfg.camera.width}×{cfg.camera.height} renders, {cfg.renderer.num_samples} samples per ray, "
-        f"batch {cfg.camera.batch_size}, empirical prior ({cfg.guidance.views.views_per_object} images per object). "
+        f"batch {cfg.camera.batch_size}, {cfg.guidance.kind} prior. "
         f"Median of {args.steps} steps after {args.warmup} warm-up steps.",
         "",
         "| phase | ms |",
