@@ -57,7 +57,7 @@ class Cameras:
             self.azimuth_deg.to(device), self.radius.to(device), self.width, self.height,
         )  # fmt: skip
 
-    def __getitem__(self, index: slice | int) -> Cameras:
+    def __getitem__(self, index: slice | int | torch.Tensor) -> Cameras:
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Cameras(

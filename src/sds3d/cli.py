@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", type=Path)
     r.add_argument("--shading", default="albedo", choices=["albedo", "lambertian", "textureless"])
     sub.add_parser("presets", help="list the presets")
+    p = sub.add_parser("prior", help="the built-in prior").add_subparsers(
+        dest="prior_command", required=True, parser_class=_Parser
+    )
+    pt = p.add_parser("train", help="train the built-in prior on renders of the synthetic world")
+    pt.add_argument(
+        "--out", type=Path, required=True, help="folder for checkpoints and the diffusers pipeline"
+    )
+    pt.add_argument("--steps", type=_positive_int, help="total training steps (default 20000)")
+    pt.add_argument("--batch-size", type=_positive_int)
+    pt.add_argument("--device", default="cpu")
+    pt.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
+    pt.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -176,6 +189,21 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prior(args: argparse.Namespace) -> int:
+    from sds3d.prior.train import PriorTrainConfig, train_prior
+
+    config = PriorTrainConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    if (args.out / "checkpoint.pt").exists() and not args.resume:
+        raise UserError(f"{args.out} already has a checkpoint; pass --resume to continue it")
+    summary = train_prior(config, args.out, args.device, args.resume, args.max_minutes, not args.no_progress)
+    print(f"sds3d: prior at step {summary['steps']}/{config.steps}; pipeline in {args.out / 'pipeline'}")
+    return 0
+
+
 def _quote(text: str) -> str:
     import shlex
 
@@ -183,7 +211,8 @@ def _quote(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets}
+    commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets,
+                "prior": cmd_prior}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

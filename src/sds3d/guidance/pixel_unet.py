@@ -13,6 +13,7 @@ out_channels = 2·in_channels) has its first half taken.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,16 @@ def read_model_index(model: str) -> dict[str, Any]:
             raise UserError(f"{model!r} is not a diffusers model folder (no model_index.json)")
         return json.loads(index.read_text())
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, "model_index.json")).read_text())
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+            "1",
+            "true",
+            "yes",
+        )
+        return json.loads(
+            Path(hf_hub_download(model, "model_index.json", local_files_only=offline)).read_text()
+        )
     except Exception as err:  # offline, unknown repo, no cache: one line for the user
         raise UserError(
             f"cannot load {model!r}: not in the local hub cache and the hub is unreachable "
@@ -121,7 +129,16 @@ class PixelUNetGuidance(NoisePredictionGuidance):
         self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
     ) -> torch.Tensor:
         emb = torch.stack(list(embeddings)).to(device=x_t.device, dtype=self.dtype)
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb).sample
+        class_labels = None
+        if self.unet.config.class_embed_type == "projection":  # camera-conditioned (sds3d's own prior)
+            from sds3d.prior.model import CAMERA_DIM, camera_condition
+
+            if cameras is None:
+                class_labels = torch.zeros(x_t.shape[0], CAMERA_DIM, device=x_t.device)
+            else:
+                class_labels = camera_condition(cameras.elevation_deg, cameras.azimuth_deg).to(x_t.device)
+            class_labels = class_labels.to(self.dtype)
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb, class_labels=class_labels).sample
         channels = x_t.shape[1]
         if out.shape[1] == 2 * channels:  # learned variance (IF): keep ε
             out = out[:, :channels]

@@ -1,0 +1,131 @@
+"""`sds3d prior train`: train the built-in prior on renders of the synthetic world.
+
+ε-prediction DDPM loss ‖ε_θ(x_t, t, text, camera) − ε‖² with t ~ U{0…T−1}; AdamW; an EMA of the
+weights is what gets exported; bf16 autocast on a GPU. The text encoder trains jointly from
+scratch. Camera conditioning is dropped (zeroed) for `camera_dropout` of the samples, so the model
+also works without a camera. Runs stop after `--max-minutes` with a checkpoint and resume from it
+(`--resume`) to the same result; the diffusers folder is written at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sds3d.diffusion import DDPM_SCHEDULER_CONFIG, add_noise, alphas_cumprod_from_config
+from sds3d.prior.data import PriorDataConfig, render_dataset, sample_captions, training_objects
+from sds3d.prior.model import PriorModelConfig, build_models, camera_condition, save_pipeline
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class PriorTrainConfig:
+    steps: int = 20_000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    camera_dropout: float = 0.2
+    checkpoint_every: int = 1000
+    seed: int = 0
+    data: PriorDataConfig = field(default_factory=PriorDataConfig)
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+
+
+def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
+                max_minutes: float | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Train (or continue) the prior; returns a summary dict also written to `out/train_log.json`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer, text_encoder, unet = build_models(config.model, out / "pipeline" / "tokenizer")
+    text_encoder.to(device).train()
+    unet.to(device).train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    g = torch.Generator().manual_seed(config.seed)
+    step, log = 0, []
+    if resume and (out / CHECKPOINT).is_file():
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        optimizer.load_state_dict(state["optimizer"])
+        g.set_state(state["rng"])
+        step, log = int(state["step"]), json.loads(state["log"])
+    t0 = time.perf_counter()
+    dataset = render_dataset(config.data, training_objects(), device)
+    images = dataset.images.to(device)
+    data_seconds = time.perf_counter() - t0
+    abar = alphas_cumprod_from_config(DDPM_SCHEDULER_CONFIG).to(device)
+    token_cache: dict[str, torch.Tensor] = {}
+    amp = device.startswith("cuda")
+
+    def tokens(captions: list[str]) -> torch.Tensor:
+        for c in set(captions) - token_cache.keys():
+            token_cache[c] = tokenizer(c, padding="max_length", max_length=config.model.max_tokens,
+                                       truncation=True, return_tensors="pt").input_ids[0]  # fmt: skip
+        return torch.stack([token_cache[c] for c in captions]).to(device)
+
+    def checkpoint() -> None:
+        state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                 "ema_text": ema_text.state_dict(), "optimizer": optimizer.state_dict(), "rng": g.get_state(),
+                 "step": step, "log": json.dumps(log)}  # fmt: skip
+        torch.save(state, out / (CHECKPOINT + ".tmp"))
+        os.replace(out / (CHECKPOINT + ".tmp"), out / CHECKPOINT)
+        save_pipeline(
+            out / "pipeline", tokenizer, copy.deepcopy(ema_text).float(), copy.deepcopy(ema_unet).float()
+        )
+
+    start_time = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
+    running = torch.zeros((), device=device)
+    while step < config.steps:
+        if max_minutes is not None and time.perf_counter() - start_time > 60 * max_minutes:
+            break
+        index = torch.randint(0, len(dataset), (config.batch_size,), generator=g)
+        captions = sample_captions(dataset, index, config.data, g)
+        present = torch.rand(config.batch_size, generator=g) >= config.camera_dropout
+        cams = camera_condition(dataset.elevation_deg[index], dataset.azimuth_deg[index], present).to(device)
+        t = torch.randint(0, abar.shape[0], (config.batch_size,), generator=g).to(device)
+        noise = torch.randn(config.batch_size, *images.shape[1:], generator=g).to(device)
+        x = images[index.to(device)].float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            emb = text_encoder(tokens(captions))[0]
+            pred = unet(add_noise(x, noise, t, abar), t, encoder_hidden_states=emb, class_labels=cams).sample
+            loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
+                    pe.lerp_(pl, 1 - config.ema_decay)
+        running += loss.detach()
+        step += 1
+        bar.update(1)
+        if step % 100 == 0 or step == config.steps:
+            log.append({"step": step, "loss": float(running) / (100 if step % 100 == 0 else step % 100)})
+            running.zero_()
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+        if step % config.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    summary = {"steps": step, "seconds_this_run": round(time.perf_counter() - start_time, 1),
+               "data_seconds": round(data_seconds, 1), "images": len(dataset), "device": device,
+               "config": asdict(config), "log": log}  # fmt: skip
+    (out / "train_log.json").write_text(json.dumps(summary, indent=2))
+    return summary

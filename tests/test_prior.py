@@ -1,0 +1,62 @@
+"""The built-in prior's training command at toy size: data, captions, resume, and a pipeline
+folder that loads through the pixel-unet prior's from_pretrained path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from safetensors.torch import load_file
+
+from sds3d.cameras import CameraConfig, sample_cameras
+from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
+from sds3d.prior.data import HELD_OUT, PriorDataConfig, render_dataset, sample_captions, training_objects
+from sds3d.prior.model import PriorModelConfig
+from sds3d.prior.train import PriorTrainConfig, train_prior
+
+
+def _toy(steps: int) -> PriorTrainConfig:
+    return PriorTrainConfig(
+        steps=steps, batch_size=4, checkpoint_every=100,
+        data=PriorDataConfig(resolution=8, views_per_object=3),
+        model=PriorModelConfig(resolution=8, block_out_channels=(16, 32), layers_per_block=1, text_dim=32, text_heads=2),
+    )  # fmt: skip
+
+
+def test_data_holds_out_five_objects_and_captions_follow_the_rules():
+    objects = training_objects()
+    assert len(objects) == 25 and not {o.prompt for o in objects} & set(HELD_OUT)
+    config = PriorDataConfig(resolution=8, views_per_object=40, empty_caption_prob=0.1, view_suffix_prob=0.5)
+    data = render_dataset(config, objects[:2])
+    assert data.images.shape == (80, 3, 8, 8) and data.images.min() >= -1 and data.images.max() <= 1
+    captions = sample_captions(data, torch.arange(80), config, torch.Generator().manual_seed(0))
+    textureless = data.shading == 2
+    for caption, obj, tl in zip(captions, data.objects, textureless.tolist(), strict=True):
+        if caption:
+            assert caption.startswith(f"a {obj.shape}" if tl else obj.prompt)
+            assert (obj.color in caption) != tl  # textureless renders never name a colour
+    assert "" in captions and any(c.endswith(" view") for c in captions)
+
+
+def test_train_resume_and_load_the_pipeline(tmp_path):
+    full = train_prior(_toy(3), tmp_path / "a", progress=False)
+    assert full["steps"] == 3
+    train_prior(_toy(2), tmp_path / "b", progress=False)
+    resumed = train_prior(_toy(3), tmp_path / "b", resume=True, progress=False)
+    assert resumed["steps"] == 3
+    a = load_file(tmp_path / "a" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float16 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    guidance = PixelUNetGuidanceConfig(model=str(tmp_path / "a" / "pipeline")).build(CameraConfig())
+    assert guidance.tokenizer.convert_ids_to_tokens(guidance.tokenizer("a red torus").input_ids)[1:4] == [
+        "a</w>",
+        "red</w>",
+        "torus</w>",
+    ]
+    emb = guidance.encode_prompt("a red torus, front view")
+    cams = sample_cameras(dataclasses.replace(CameraConfig(), batch_size=2), torch.Generator().manual_seed(0))
+    for cameras in (cams, None):  # with and without camera conditioning
+        eps = guidance.predict_noise(torch.randn(2, 3, 8, 8), torch.tensor([5, 700]), [emb, emb], cameras)
+        assert eps.shape == (2, 3, 8, 8) and torch.isfinite(eps).all()
