@@ -60,3 +60,40 @@ def test_train_resume_and_load_the_pipeline(tmp_path):
     for cameras in (cams, None):  # with and without camera conditioning
         eps = guidance.predict_noise(torch.randn(2, 3, 8, 8), torch.tensor([5, 700]), [emb, emb], cameras)
         assert eps.shape == (2, 3, 8, 8) and torch.isfinite(eps).all()
+
+
+def test_shipped_prior_loads_offline_and_drives_sds_steps(tmp_path, monkeypatch):
+    from sds3d.config import preset
+    from sds3d.prior.model import SHIPPED_PRIOR
+    from sds3d.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for sub in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        path = SHIPPED_PRIOR / sub
+        assert path.stat().st_size <= 16 * 2**20
+        assert all(v.dtype == torch.float16 for v in load_file(path).values())
+    guidance = PixelUNetGuidanceConfig(model=str(SHIPPED_PRIOR)).build(CameraConfig())
+    tok = guidance.tokenizer
+    ids = tok("a blue torus, overhead view").input_ids
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<|startoftext|>",
+        "a</w>",
+        "blue</w>",
+        "torus</w>",
+        ",</w>",
+        "overhead</w>",
+        "view</w>",
+        "<|endoftext|>",
+    ]
+    assert tok.unk_token_id not in ids[1:-1]
+    eps = guidance.predict_noise(
+        torch.randn(2, 3, 32, 32),
+        torch.tensor([100, 900]),
+        [guidance.encode_prompt("a blue torus")] * 2,
+        None,
+    )
+    assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
+    config = dataclasses.replace(preset("fast"), prompt="a blue torus", steps=3, validate_every=0,
+                                 guidance=PixelUNetGuidanceConfig(model=str(SHIPPED_PRIOR)))  # fmt: skip
+    out = train(config, tmp_path, progress=False)
+    assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0

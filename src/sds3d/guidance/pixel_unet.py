@@ -97,6 +97,7 @@ class PixelUNetGuidance(NoisePredictionGuidance):
         scheduler_config = load_component(config.model, "scheduler", "diffusers", "DDPMScheduler").config
         super().__init__(config.sds, dict(scheduler_config))
         self.config = config
+        self.config_scheduler = dict(scheduler_config)
         self.dtype = DTYPES[config.dtype]
         tok_lib, tok_cls = index.get("tokenizer", ["transformers", "AutoTokenizer"])
         enc_lib, enc_cls = index.get("text_encoder", ["transformers", "CLIPTextModel"])

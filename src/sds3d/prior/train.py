@@ -51,7 +51,10 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     text_encoder.to(device).train()
     unet.to(device).train()
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for the whole update; a 4 M-parameter model is launch-bound on a GPU.
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=device.startswith("cuda")
+    )
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     g = torch.Generator().manual_seed(config.seed)
     step, log = 0, []
@@ -88,6 +91,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
             out / "pipeline", tokenizer, copy.deepcopy(ema_text).float(), copy.deepcopy(ema_unet).float()
         )
 
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
     start_time = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
     running = torch.zeros((), device=device)
@@ -110,9 +114,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
-                    pe.lerp_(pl, 1 - config.ema_decay)
+            torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
         running += loss.detach()
         step += 1
         bar.update(1)

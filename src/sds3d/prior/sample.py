@@ -1,0 +1,49 @@
+"""Ancestral-free sampling from a pixel-unet prior with diffusers' DDIM, for sample grids and the
+prior-accuracy check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sds3d.guidance.pixel_unet import PixelUNetGuidance
+
+
+@torch.no_grad()
+def sample_images(
+    guidance: PixelUNetGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
+    cameras=None,
+) -> torch.Tensor:  # fmt: skip
+    """[N, 3, R, R] in [0, 1], one image per prompt."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(guidance.config_scheduler)
+    scheduler.set_timesteps(steps)
+    res = int(guidance.unet.config.sample_size)
+    device = next(guidance.unet.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts), 3, res, res, generator=g).to(device)
+    cond = [guidance.encode_prompt(p) for p in prompts]
+    uncond = [guidance.encode_prompt("")] * len(prompts)
+    both_cams = None
+    if cameras is not None:
+        from sds3d.guidance.base import _concat_cameras
+
+        both_cams = _concat_cameras(cameras, cameras)
+    for t in scheduler.timesteps:
+        tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
+        eps = guidance.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), uncond + cond, both_cams)
+        e_u, e_c = eps.chunk(2)
+        x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+    return ((x + 1) / 2).clamp(0, 1).cpu()
+
+
+def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """[N, 3, H, W] in [0, 1] → one uint8 image, `columns` per row."""
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(3, rows * h, columns * w)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
+    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
