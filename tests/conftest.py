@@ -57,49 +57,18 @@ def field_factory():
 
 
 def build_tiny_pixel_pipeline(out, sample_size: int = 8, seed: int = 0):
-    """A random-weight diffusers-format folder of the pixel-unet layout (IF stage I / our prior):
-    our world CLIP tokenizer, a tiny CLIPTextModel, a tiny UNet2DConditionModel, DDPM's scheduler."""
-    import json
+    """A random-weight diffusers-format folder of the pixel-unet layout (IF stage I / our prior), made
+    by the built-in prior's own builder at toy size, without camera conditioning."""
     from pathlib import Path
 
-    import diffusers
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sds3d.diffusion import DDPM_SCHEDULER_CONFIG
-    from sds3d.world.tokenizer import write_world_tokenizer
+    from sds3d.prior.model import PriorModelConfig, build_models, save_pipeline
 
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-    )
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    text_encoder.save_pretrained(out / "text_encoder")
-    unet.save_pretrained(out / "unet")
-    DDPMScheduler.from_config(DDPM_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "DiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-    }  # fmt: skip
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
+    config = PriorModelConfig(resolution=sample_size, block_out_channels=(16, 32), layers_per_block=1, text_dim=16,
+                              text_heads=2, text_layers=1, camera_conditioning=False)  # fmt: skip
+    tokenizer, text_encoder, unet = build_models(config, out / "tokenizer")
+    return save_pipeline(out, tokenizer, text_encoder, unet, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

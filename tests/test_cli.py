@@ -38,6 +38,8 @@ def _one_line_error(capsys, argv) -> str:
         (["export", "/nonexistent/run"], "not an sds3d run folder"),
         (["render", "/nonexistent/run"], "not an sds3d run folder"),
         (["bogus"], "invalid choice"),
+        (["prior", "train"], "--out"),
+        (["prior", "train", "--out", "x", "--steps", "0"], "must be positive"),
         (
             ["generate", "a red cube", "--model", "/nonexistent/model"],
             "model folder '/nonexistent/model' does not exist",
