@@ -111,3 +111,25 @@ def test_nerf_starts_as_a_density_blob_and_has_outward_normals():
     assert d[0] > 5 and d[1] < 0.01 and d[2] == 0  # outside the bound: zero
     _, n = nerf.normals(torch.tensor([[0.3, 0.0, 0.0], [0.0, 0.0, -0.3]]), create_graph=False)
     assert n[0, 0] > 0.9 and n[1, 2] < -0.9
+
+
+def test_inference_rendering_in_chunks_matches_the_autograd_path():
+    """Under no_grad the renderer queries the field (and its normals) in chunks; same result."""
+    from sds3d.render import volume
+    from sds3d.representations.nerf import HashGridNeRFConfig
+
+    torch.manual_seed(0)
+    nerf = HashGridNeRFConfig().build()
+    cam = _camera(24)
+    lights = torch.tensor([[3.0, 1.0, 2.0]])
+    kwargs = dict(shading="lambertian", light_positions=lights, random_background=False)
+    with_grad = render(nerf, BackgroundConfig().build(), cam, 32, **kwargs)
+    old = volume.INFERENCE_CHUNK
+    volume.INFERENCE_CHUNK = 1000  # several chunks
+    try:
+        with torch.no_grad():
+            chunked = render(nerf, BackgroundConfig().build(), cam, 32, **kwargs)
+    finally:
+        volume.INFERENCE_CHUNK = old
+    assert torch.allclose(with_grad.rgb.detach(), chunked.rgb, atol=1e-5)
+    assert torch.allclose(with_grad.normal.detach(), chunked.normal, atol=1e-5)

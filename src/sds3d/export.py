@@ -193,12 +193,9 @@ def render_turntable(
     for i in range(len(cams)):
         cam = cams[i].to(dev)
         lights = cam.position * 1.5 if shading != "albedo" else None
-        with torch.set_grad_enabled(shading != "albedo"):  # normals need autograd of the density
-            out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
-                         random_background=False)  # fmt: skip
-        frames.append(
-            (out.rgb.detach()[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        )
+        out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
+                     random_background=False)  # fmt: skip
+        frames.append((out.rgb[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     return np.stack(frames)
 
 

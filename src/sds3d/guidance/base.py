@@ -110,7 +110,7 @@ class NoisePredictionGuidance(nn.Module):
             if sds.guidance_scale == 1.0:
                 eps = self.predict_noise(x_t, t, list(cond), cameras)
             else:
-                both_cams = None if cameras is None else _concat_cameras(cameras, cameras)
+                both_cams = None if cameras is None else concat_cameras(cameras, cameras)
                 eps_both = self.predict_noise(
                     torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
                 )
@@ -144,7 +144,7 @@ def resize_to(rgb: torch.Tensor, resolution: int) -> torch.Tensor:
     )
 
 
-def _concat_cameras(a: Cameras, b: Cameras) -> Cameras:
+def concat_cameras(a: Cameras, b: Cameras) -> Cameras:
     return Cameras(
         torch.cat([a.c2w, b.c2w]), torch.cat([a.fovy_deg, b.fovy_deg]), torch.cat([a.elevation_deg, b.elevation_deg]),
         torch.cat([a.azimuth_deg, b.azimuth_deg]), torch.cat([a.radius, b.radius]), a.width, a.height,

@@ -27,9 +27,9 @@ def sample_images(
     uncond = [guidance.encode_prompt("")] * len(prompts)
     both_cams = None
     if cameras is not None:
-        from sds3d.guidance.base import _concat_cameras
+        from sds3d.guidance.base import concat_cameras
 
-        both_cams = _concat_cameras(cameras, cameras)
+        both_cams = concat_cameras(cameras, cameras)
     for t in scheduler.timesteps:
         tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
         eps = guidance.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), uncond + cond, both_cams)
