@@ -26,6 +26,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks
 	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks
+	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks
 
 gallery: $(STAMP)
 	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks

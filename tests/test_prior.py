@@ -97,3 +97,18 @@ def test_shipped_prior_loads_offline_and_drives_sds_steps(tmp_path, monkeypatch)
                                  guidance=PixelUNetGuidanceConfig(model=str(SHIPPED_PRIOR)))  # fmt: skip
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
+
+
+def test_attribute_classifier_learns_shape_and_colour_from_ground_truth():
+    """At small size (80 renders per object, 4 epochs; 84% / 95% measured) the judge is far above
+    chance (20% shape, 17% colour)."""
+    from sds3d.prior.classifier import ClassifierConfig, evaluate, predict, train_classifier
+    from sds3d.world import all_objects
+
+    config = ClassifierConfig(epochs=4, data=PriorDataConfig(views_per_object=80, textureless_prob=0.0))
+    model, acc = train_classifier(config)
+    assert acc["color_accuracy"] > 0.8 and acc["shape_accuracy"] > 0.6
+    test = render_dataset(PriorDataConfig(views_per_object=2, textureless_prob=0.0, seed=5), all_objects())
+    shapes, colors = predict(model, (test.images + 1) / 2)
+    assert len(shapes) == len(test) and set(colors) <= {"red", "orange", "yellow", "green", "blue", "purple"}
+    assert evaluate(model, test)["color_accuracy"] > 0.7
