@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sds3d.bench.machine import describe_machine
+from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import preset
 from sds3d.prompts import PromptProcessor
 from sds3d.render.volume import render
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Total is train + export inside one process (the `.venv` set-up is not included).",
         ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_step.json").write_text(json.dumps(result, indent=2))
-    (args.out / "cpu_step.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "cpu_step", result, lines)
     return 0
 
 

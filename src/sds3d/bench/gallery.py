@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sds3d.bench.machine import describe_machine
+from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import preset
 
 PROMPTS = ("a blue torus", "a red cube", "a yellow sphere", "a green cone", "a purple cylinder")
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Image: `{args.image}`.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gallery.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "gallery.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "gallery", summary, lines)
     return 0
 
 

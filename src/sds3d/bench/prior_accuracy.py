@@ -7,12 +7,11 @@ samples with the attribute classifier trained on ground-truth renders.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from sds3d.bench.machine import describe_machine
+from sds3d.bench.report import describe_machine, write_report
 from sds3d.cameras import CameraConfig
 from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
 from sds3d.prior.classifier import ClassifierConfig, predict, train_classifier
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Target ≥ 95%. Samples: `{args.out / 'prior_samples.png'}` (rows of {4 * args.samples}: one prompt per "
         f"{args.samples} columns). {result['seconds']} s in all.",
     ]
-    (args.out / "prior_accuracy.json").write_text(json.dumps(result, indent=2))
-    (args.out / "prior_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "prior_accuracy", result, lines)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Ancestral-free sampling from a pixel-unet prior with diffusers' DDIM, for sample grids and the
+"""Deterministic sampling from a pixel-unet prior with diffusers' DDIM, for sample grids and the
 prior-accuracy check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅)."""
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""A description of the machine a benchmark ran on."""
+"""What every benchmark writes: the machine it ran on, and its result as json + markdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,3 +30,11 @@ def describe_machine() -> dict[str, str | int]:
         "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
+
+
+def write_report(out_dir: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
+    """`out_dir/name.json` (the numbers) and `out_dir/name.md` (the table), and print the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
