@@ -74,3 +74,83 @@ def build_tiny_pixel_pipeline(out, sample_size: int = 8, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_pixel_model(tmp_path_factory):
     return build_tiny_pixel_pipeline(tmp_path_factory.mktemp("tiny-pixel-unet"))
+
+
+def _save_index(out, components: dict[str, list[str]]) -> None:
+    import json
+
+    import diffusers
+
+    index = {"_class_name": "DiffusionPipeline", "_diffusers_version": diffusers.__version__, **components}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_tiny_sd_pipeline(out, seed: int = 0, prediction_type: str = "epsilon"):
+    """A random-weight folder of Stable Diffusion's layout at toy size: AutoencoderKL (2 blocks, so
+    16×16 images ↔ 8×8 latents), CLIPTextModel, CLIPTokenizer, a latent U-Net, SD's scheduler."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sds3d.world.tokenizer import write_world_tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(out / "text_encoder")  # fmt: skip
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  layers_per_block=1, sample_size=16).save_pretrained(out / "vae")  # fmt: skip
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(out / "unet")  # fmt: skip
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
+                  clip_sample=False).save_pretrained(out / "scheduler")  # fmt: skip
+    _save_index(out, {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                      "vae": ["diffusers", "AutoencoderKL"]})  # fmt: skip
+    return out
+
+
+def build_tiny_if_pipeline(out, seed: int = 0):
+    """A random-weight folder of DeepFloyd IF stage I's layout at toy size: T5EncoderModel, a pixel
+    U-Net with a text projection, text-pooled time embedding and learned variance (6 output
+    channels), IF's cosine scheduler. The tokenizer is the world's CLIP tokenizer (T5's needs
+    sentencepiece files no test can download)."""
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from sds3d.world.tokenizer import write_world_tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(out / "text_encoder")  # fmt: skip
+    UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                         mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16, attention_head_dim=4,
+                         encoder_hid_dim=24, encoder_hid_dim_type="text_proj", addition_embed_type="text",
+                         addition_embed_type_num_heads=2,
+                         norm_num_groups=8).save_pretrained(out / "unet")  # fmt: skip
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                  clip_sample=False).save_pretrained(out / "scheduler")  # fmt: skip
+    _save_index(out, {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"]})  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model(tmp_path_factory):
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_if_model(tmp_path_factory):
+    return build_tiny_if_pipeline(tmp_path_factory.mktemp("tiny-if"))

@@ -1,5 +1,5 @@
 """The built-in prior's training command at toy size: data, captions, resume, and a pipeline
-folder that loads through the pixel-unet prior's from_pretrained path."""
+folder that loads through the diffusers prior's from_pretrained path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sds3d.cameras import CameraConfig, sample_cameras
-from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.data import HELD_OUT, PriorDataConfig, render_dataset, sample_captions, training_objects
 from sds3d.prior.model import PriorModelConfig
 from sds3d.prior.train import PriorTrainConfig, train_prior
@@ -49,7 +49,7 @@ def test_train_resume_and_load_the_pipeline(tmp_path):
     assert all(v.dtype == torch.float16 for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    guidance = PixelUNetGuidanceConfig(model=str(tmp_path / "a" / "pipeline")).build(CameraConfig())
+    guidance = DiffusersGuidanceConfig(model=str(tmp_path / "a" / "pipeline")).build(CameraConfig())
     assert guidance.tokenizer.convert_ids_to_tokens(guidance.tokenizer("a red torus").input_ids)[1:4] == [
         "a</w>",
         "red</w>",
@@ -72,7 +72,7 @@ def test_shipped_prior_loads_offline_and_drives_sds_steps(tmp_path, monkeypatch)
         path = SHIPPED_PRIOR / sub
         assert path.stat().st_size <= 16 * 2**20
         assert all(v.dtype == torch.float16 for v in load_file(path).values())
-    guidance = PixelUNetGuidanceConfig(model=str(SHIPPED_PRIOR)).build(CameraConfig())
+    guidance = DiffusersGuidanceConfig(model=str(SHIPPED_PRIOR)).build(CameraConfig())
     tok = guidance.tokenizer
     ids = tok("a blue torus, overhead view").input_ids
     assert tok.convert_ids_to_tokens(ids) == [
@@ -94,7 +94,7 @@ def test_shipped_prior_loads_offline_and_drives_sds_steps(tmp_path, monkeypatch)
     )
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
     config = dataclasses.replace(preset("fast"), prompt="a blue torus", steps=3, validate_every=0,
-                                 guidance=PixelUNetGuidanceConfig(model=str(SHIPPED_PRIOR)))  # fmt: skip
+                                 guidance=DiffusersGuidanceConfig(model=str(SHIPPED_PRIOR)))  # fmt: skip
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
 

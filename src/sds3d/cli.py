@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: default)")
     g.add_argument("--prior", help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
     g.add_argument(
-        "--model", help="diffusers folder or hub id of the pixel-unet prior (implies --prior pixel-unet)"
+        "--model", help="diffusers folder or hub id of the diffusers prior (implies --prior diffusers)"
     )
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
     g.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
@@ -79,12 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
+    b = sub.add_parser("bench", help="benchmarks: quality (3D results against ground truth)")
+    b.add_argument("benchmark", choices=list(BENCHMARKS))
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
+    pt.add_argument("--compile", action="store_true", help="torch.compile the U-Net and text encoder (GPU)")
     pt.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def _resolve_config(args: argparse.Namespace):
-    from sds3d.config import GUIDANCE_KINDS, PixelUNetGuidanceConfig, load_config, preset
+    from sds3d.config import GUIDANCE_KINDS, DiffusersGuidanceConfig, load_config, preset
     from sds3d.prompts import validate_prompt
 
     prompt = validate_prompt(args.prompt)
@@ -98,16 +102,16 @@ def _resolve_config(args: argparse.Namespace):
             raise UserError(f"{args.out} is a run for {config.prompt!r}, not {prompt!r}")
     else:
         config = dataclasses.replace(preset(args.preset), prompt=prompt)
-        prior = args.prior or ("pixel-unet" if args.model else None)
+        prior = args.prior or ("diffusers" if args.model else None)
         if prior is not None:
             if prior not in GUIDANCE_KINDS:
                 raise UserError(f"unknown prior {prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
-            if prior == "pixel-unet":
+            if prior == "diffusers":
                 if not args.model:
-                    raise UserError("--prior pixel-unet needs --model, a diffusers folder or hub id")
-                config.guidance = PixelUNetGuidanceConfig(model=args.model)
+                    raise UserError("--prior diffusers needs --model, a diffusers folder or hub id")
+                config.guidance = DiffusersGuidanceConfig(model=args.model)
             elif args.model:
-                raise UserError(f"--model is for the pixel-unet prior, not {prior!r}")
+                raise UserError(f"--model is for the diffusers prior, not {prior!r}")
             elif config.guidance.kind != prior:
                 config.guidance = GUIDANCE_KINDS[prior]()
         if args.seed is not None:
@@ -199,9 +203,21 @@ def cmd_prior(args: argparse.Namespace) -> int:
         config.batch_size = args.batch_size
     if (args.out / "checkpoint.pt").exists() and not args.resume:
         raise UserError(f"{args.out} already has a checkpoint; pass --resume to continue it")
-    summary = train_prior(config, args.out, args.device, args.resume, args.max_minutes, not args.no_progress)
+    summary = train_prior(
+        config, args.out, args.device, args.resume, args.max_minutes, not args.no_progress, args.compile
+    )
     print(f"sds3d: prior at step {summary['steps']}/{config.steps}; pipeline in {args.out / 'pipeline'}")
     return 0
+
+
+# `sds3d bench NAME ARGS…` runs `python -m sds3d.bench.NAME ARGS…`.
+BENCHMARKS = {"quality": "sds3d.bench.quality"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(BENCHMARKS[args.benchmark]).main(args.bench_args) or 0)
 
 
 def _quote(text: str) -> str:
@@ -212,7 +228,7 @@ def _quote(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets,
-                "prior": cmd_prior}  # fmt: skip
+                "prior": cmd_prior, "bench": cmd_bench}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

@@ -25,18 +25,18 @@ from sds3d.guidance.analytic import (
     WorldViewsConfig,
 )
 from sds3d.guidance.base import SDSConfig
-from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp, Scheduled
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
 
-GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, PixelUNetGuidanceConfig]
+GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
 GUIDANCE_KINDS: dict[str, type] = {
     "empirical": EmpiricalPriorGuidanceConfig,
     "gaussian": GaussianPriorGuidanceConfig,
-    "pixel-unet": PixelUNetGuidanceConfig,
+    "diffusers": DiffusersGuidanceConfig,
 }
 
 

@@ -135,12 +135,13 @@ def sample_timesteps(
     bounds: tuple[float, float],
     num_train_timesteps: int,
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """t ~ U{round(lo·T), …, round(hi·T)} as integers, one per batch element. [B] long."""
     lo = int(round(bounds[0] * num_train_timesteps))
     hi = int(round(bounds[1] * num_train_timesteps))
     lo, hi = max(0, min(lo, num_train_timesteps - 1)), max(0, min(hi, num_train_timesteps - 1))
-    return torch.randint(lo, hi + 1, (batch_size,), generator=generator)
+    return torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=device)
 
 
 def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: Weighting) -> torch.Tensor:

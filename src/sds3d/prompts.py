@@ -69,6 +69,18 @@ class PromptProcessor:
             cond = [self.prompt] * len(cameras)
         return cond, [self.config.negative_prompt] * len(cameras)
 
+    def all_texts(self) -> list[str]:
+        """Every text a run can ask for: the prompt, its view variants and the negative prompt."""
+        views = (
+            [with_view(self.prompt, label) for label in VIEW_SUFFIXES] if self.config.view_dependent else []
+        )
+        return [self.prompt, *views, self.config.negative_prompt]
+
+    def precompute(self) -> None:
+        """Encode every text now, so that the text encoder can be freed before training."""
+        for text in self.all_texts():
+            self.embedding(text)
+
     def embedding(self, text: str) -> Any:
         if text not in self._cache:
             self._cache[text] = self._encode(text)

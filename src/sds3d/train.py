@@ -165,7 +165,10 @@ def train(
     # The prior first: a missing model or an unknown prompt fails before anything is written.
     guidance = build_guidance(config)
     prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
-    prompts.embedding(config.prompt)
+    prompts.precompute()  # every text once; then the text encoder goes (large for SD and IF)
+    release = getattr(guidance, "release_text_encoder", None)
+    if callable(release):
+        release()
     run_dir.mkdir(parents=True, exist_ok=True)
     scene = build_scene(config)
     optimizer = build_optimizer(config, scene)

@@ -1,4 +1,4 @@
-"""Prior accuracy: sample every world prompt from a pixel-unet prior (DDIM, CFG) and judge the
+"""Prior accuracy: sample every world prompt from a diffusers prior (DDIM, CFG) and judge the
 samples with the attribute classifier trained on ground-truth renders.
 
     python -m sds3d.bench.prior_accuracy --out benchmarks [--model DIR] [--samples 4]
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sds3d.bench.report import describe_machine, write_report
 from sds3d.cameras import CameraConfig
-from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.classifier import ClassifierConfig, predict, train_classifier
 from sds3d.prior.data import HELD_OUT
 from sds3d.prior.model import SHIPPED_PRIOR
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     classifier, judge = train_classifier(ClassifierConfig())
-    guidance = PixelUNetGuidanceConfig(model=args.model).build(CameraConfig())
+    guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig())
     objects = [o for o in all_objects() for _ in range(args.samples)]
     images = sample_images(guidance, [o.prompt for o in objects], args.guidance_scale, args.steps)
     shapes, colors = predict(classifier, images)

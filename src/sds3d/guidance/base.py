@@ -48,7 +48,8 @@ class GuidanceOutput:
     loss: torch.Tensor  # scalar; its gradient w.r.t. the render is the SDS gradient
     grad_norm: torch.Tensor  # scalar, mean over the batch of ‖g‖ (a tensor: no host sync)
     timesteps: torch.Tensor  # [B] long
-    pred_rgb: torch.Tensor  # [B, 3, h, w] in [0, 1], the one-step denoised estimate, for logging
+    noise: torch.Tensor  # ε, in the model's space
+    pred_x0: torch.Tensor  # the one-step denoised estimate in the model's space (`decode_images` shows it)
 
 
 class NoisePredictionGuidance(nn.Module):
@@ -100,8 +101,14 @@ class NoisePredictionGuidance(nn.Module):
         bounds = diffusion.timestep_bounds(
             sds.t_schedule, step_ratio, sds.t_min, sds.t_max, sds.t_max_end, sds.t_drop_at
         )
-        t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, generator).to(x.device)
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+        if x.device.type == "cpu":
+            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, generator)
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+        else:  # drawn on the device from a seed of the run's generator: no host-to-device copy, no sync
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            device_generator = torch.Generator(x.device).manual_seed(seed)
+            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, device_generator, x.device)
+            noise = torch.randn(x.shape, generator=device_generator, dtype=torch.float32, device=x.device)
         abar_t = self.alphas_cumprod[t]
         literal = sds.mode == "literal"
         # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1).
@@ -131,7 +138,8 @@ class NoisePredictionGuidance(nn.Module):
             loss=loss,
             grad_norm=grad.flatten(1).norm(dim=1).mean(),
             timesteps=t,
-            pred_rgb=self.decode_images(pred_x0),
+            noise=noise,
+            pred_x0=pred_x0,
         )
 
 

@@ -6,7 +6,7 @@
   "no camera" (dropped out in training so the model also works without one).
 - `text_encoder/`: a small CLIPTextModel trained from scratch; `tokenizer/`: the world's CLIP
   tokenizer (world/tokenizer.py); `scheduler/`: DDPM's linear β schedule.
-Everything loads with `from_pretrained` (guidance/pixel_unet.py), as a hub model would.
+Everything loads with `from_pretrained` (guidance/diffusers_prior.py), as a hub model would.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from sds3d.world.tokenizer import write_world_tokenizer
 
 CAMERA_DIM = 5
 # The weights shipped with the package (see its README.md, the model card).
-SHIPPED_PRIOR = Path(__file__).parent / "weights" / "world-prior-32"
+SHIPPED_PRIOR = (
+    Path(__file__).parent / "weights" / "world-prior-32"
+)  # = BUILTIN_MODELS["sds3d/world-prior-32"]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Deterministic sampling from a pixel-unet prior with diffusers' DDIM, for sample grids and the
+"""Deterministic sampling from a diffusers prior with diffusers' DDIM, for sample grids and the
 prior-accuracy check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅)."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sds3d.guidance.pixel_unet import PixelUNetGuidance
+from sds3d.guidance.diffusers_prior import DiffusersGuidance
 
 
 @torch.no_grad()
 def sample_images(
-    guidance: PixelUNetGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
+    guidance: DiffusersGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
     cameras=None,
 ) -> torch.Tensor:  # fmt: skip
     """[N, 3, R, R] in [0, 1], one image per prompt."""

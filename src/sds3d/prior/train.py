@@ -42,8 +42,12 @@ class PriorTrainConfig:
 
 
 def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
-                max_minutes: float | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Train (or continue) the prior; returns a summary dict also written to `out/train_log.json`."""
+                max_minutes: float | None = None, progress: bool = True, compile: bool = False) -> dict:  # fmt: skip
+    """Train (or continue) the prior; returns a summary dict also written to `out/train_log.json`.
+
+    `compile` wraps the U-Net and text encoder in `torch.compile` for the forward and backward (the
+    4 M-parameter model is launch-bound on a GPU); checkpoints hold the uncompiled modules' weights.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -57,7 +61,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     )
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     g = torch.Generator().manual_seed(config.seed)
-    step, log = 0, []
+    step, log, runs = 0, [], []
     if resume and (out / CHECKPOINT).is_file():
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
         unet.load_state_dict(state["unet"])
@@ -65,8 +69,9 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
         optimizer.load_state_dict(state["optimizer"])
-        g.set_state(state["rng"])
+        g.set_state(state["rng"].cpu())  # map_location moved it to the device
         step, log = int(state["step"]), json.loads(state["log"])
+        runs = json.loads(state.get("runs", "[]"))
     t0 = time.perf_counter()
     dataset = render_dataset(config.data, training_objects(), device)
     images = dataset.images.to(device)
@@ -84,7 +89,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     def checkpoint() -> None:
         state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
                  "ema_text": ema_text.state_dict(), "optimizer": optimizer.state_dict(), "rng": g.get_state(),
-                 "step": step, "log": json.dumps(log)}  # fmt: skip
+                 "step": step, "log": json.dumps(log), "runs": json.dumps([*runs, this_run()])}  # fmt: skip
         torch.save(state, out / (CHECKPOINT + ".tmp"))
         os.replace(out / (CHECKPOINT + ".tmp"), out / CHECKPOINT)
         save_pipeline(
@@ -92,7 +97,15 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         )
 
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
-    start_time = time.perf_counter()
+    run_unet, run_text = (
+        (torch.compile(unet), torch.compile(text_encoder)) if compile else (unet, text_encoder)
+    )
+    start_time, first_step = time.perf_counter(), step
+
+    def this_run() -> dict:
+        return {"from_step": first_step, "to_step": step, "seconds": round(time.perf_counter() - start_time, 1),
+                "device": device, "compile": compile, "batch_size": config.batch_size}  # fmt: skip
+
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
     running = torch.zeros((), device=device)
     while step < config.steps:
@@ -106,8 +119,10 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         noise = torch.randn(config.batch_size, *images.shape[1:], generator=g).to(device)
         x = images[index.to(device)].float()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            emb = text_encoder(tokens(captions))[0]
-            pred = unet(add_noise(x, noise, t, abar), t, encoder_hidden_states=emb, class_labels=cams).sample
+            emb = run_text(tokens(captions))[0]
+            pred = run_unet(
+                add_noise(x, noise, t, abar), t, encoder_hidden_states=emb, class_labels=cams
+            ).sample
             loss = F.mse_loss(pred.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,6 +143,6 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     checkpoint()
     summary = {"steps": step, "seconds_this_run": round(time.perf_counter() - start_time, 1),
                "data_seconds": round(data_seconds, 1), "images": len(dataset), "device": device,
-               "config": asdict(config), "log": log}  # fmt: skip
+               "runs": [*runs, this_run()], "config": asdict(config), "log": log}  # fmt: skip
     (out / "train_log.json").write_text(json.dumps(summary, indent=2))
     return summary

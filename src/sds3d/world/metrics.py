@@ -11,8 +11,9 @@ import colorsys
 from typing import Any
 
 import numpy as np
+import torch
 
-from sds3d.world.shapes import COLORS, occupancy_grid
+from sds3d.world.shapes import COLORS, SHAPES, occupancy_grid, shape_sdf, voxel_centres
 
 # Columns are nudged by this much (in voxels) so that no ray runs exactly through a mesh edge.
 _JITTER = (1.3e-4, 2.7e-4)
@@ -83,6 +84,38 @@ def mesh_iou(
 ) -> float:
     """3D IoU of a closed mesh (world units, +Z up) with a ground-truth primitive."""
     return iou(mesh_occupancy(vertices, faces, resolution, bound), occupancy_grid(shape, resolution, bound))
+
+
+def rotated_occupancy(shape: str, angle_deg: float, resolution: int = 64, bound: float = 1.0) -> np.ndarray:
+    """Occupancy [R, R, R] of a primitive turned by `angle_deg` about +Z (voxel centres rotated back)."""
+    a = np.deg2rad(angle_deg)
+    c, s = float(np.cos(a)), float(np.sin(a))
+    p = voxel_centres(resolution, bound).reshape(-1, 3)
+    back = torch.stack([c * p[:, 0] + s * p[:, 1], -s * p[:, 0] + c * p[:, 1], p[:, 2]], dim=-1)
+    return (shape_sdf(shape, back) < 0).reshape(resolution, resolution, resolution).numpy()
+
+
+# The cube is symmetric under a quarter turn about z, the other primitives under any turn: only the
+# cube needs its rotations tried.
+CUBE_ROTATIONS_DEG = tuple(float(a) for a in range(0, 90, 5))
+
+
+def shape_ious(
+    vertices: np.ndarray, faces: np.ndarray, resolution: int = 64, bound: float = 1.0
+) -> dict[str, float]:
+    """Each primitive's 3D IoU with the mesh at its best rotation about z (5° steps over a quarter turn)."""
+    occ = mesh_occupancy(vertices, faces, resolution, bound)
+    angles = lambda shape: CUBE_ROTATIONS_DEG if shape == "cube" else (0.0,)  # noqa: E731
+    return {
+        shape: max(iou(occ, rotated_occupancy(shape, a, resolution, bound)) for a in angles(shape))
+        for shape in SHAPES
+    }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
 def area_weighted_color(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> np.ndarray:

@@ -13,13 +13,13 @@ from sds3d.cameras import CameraConfig, sample_cameras
 from sds3d.config import preset
 from sds3d.errors import UserError
 from sds3d.guidance.base import SDSConfig
-from sds3d.guidance.pixel_unet import PixelUNetGuidanceConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.render.volume import render
 from sds3d.train import build_guidance, build_scene, train
 
 
 def test_loads_tokenises_and_predicts(tiny_pixel_model):
-    guidance = PixelUNetGuidanceConfig(model=str(tiny_pixel_model)).build(CameraConfig())
+    guidance = DiffusersGuidanceConfig(model=str(tiny_pixel_model)).build(CameraConfig())
     ids = guidance.tokenizer("a blue torus, side view").input_ids
     tokens = guidance.tokenizer.convert_ids_to_tokens(ids)
     assert tokens == [
@@ -41,7 +41,7 @@ def test_loads_tokenises_and_predicts(tiny_pixel_model):
 
 def test_sds_gradient_equals_an_independent_diffusers_computation(tiny_pixel_model):
     scale = 7.5
-    guidance = PixelUNetGuidanceConfig(
+    guidance = DiffusersGuidanceConfig(
         model=str(tiny_pixel_model), sds=SDSConfig(guidance_scale=scale)
     ).build(CameraConfig())
     rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
@@ -75,7 +75,7 @@ def test_sds_steps_train_a_nerf_and_leave_the_prior_untouched(tiny_pixel_model, 
     config.camera.width = config.camera.height = 8
     config.renderer.num_samples = 8
     config = dataclasses.replace(config, prompt="a red cube", steps=3, validate_every=0,
-                                 guidance=PixelUNetGuidanceConfig(model=str(tiny_pixel_model)))  # fmt: skip
+                                 guidance=DiffusersGuidanceConfig(model=str(tiny_pixel_model)))  # fmt: skip
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
@@ -92,9 +92,9 @@ def test_sds_steps_train_a_nerf_and_leave_the_prior_untouched(tiny_pixel_model, 
 
 def test_missing_model_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
-        PixelUNetGuidanceConfig(model=str(tmp_path / "nope")).build(CameraConfig())
+        DiffusersGuidanceConfig(model=str(tmp_path / "nope")).build(CameraConfig())
     with pytest.raises(UserError, match="no model_index.json"):
-        PixelUNetGuidanceConfig(model=str(tmp_path)).build(CameraConfig())
+        DiffusersGuidanceConfig(model=str(tmp_path)).build(CameraConfig())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="huggingface-cli download nobody/no-such-model"):
-        PixelUNetGuidanceConfig(model="nobody/no-such-model").build(CameraConfig())
+        DiffusersGuidanceConfig(model="nobody/no-such-model").build(CameraConfig())

@@ -1,0 +1,234 @@
+"""A text-conditioned diffusers `UNet2DConditionModel` pipeline as the prior: a diffusers-format
+folder or hub id with `model_index.json`, `scheduler/`, `tokenizer/`, `text_encoder/`, `unet/` and,
+for latent models, `vae/`, loaded with `from_pretrained` and the classes `model_index.json` names,
+the same code path for every such model: Stable Diffusion 1.x/2.x (latent, CLIP), DeepFloyd IF
+stage I (pixels, T5) and sds3d's own prior (pixels, CLIP, camera-conditioned).
+
+Images: the render [0, 1] is resized to the model's image size and mapped to [−1, 1]; latent models
+then encode it with the VAE, with gradient (the posterior mean × `vae.config.scaling_factor`), so
+SDS runs in latent space and its gradient flows back through the encoder to the render.
+Text: the tokenizer pads to its `model_max_length`; the embedding is the text encoder's last hidden
+state, computed once per text (prompts.PromptProcessor caches it).
+ε: `unet(x_t, t, encoder_hidden_states).sample`; a U-Net that also predicts a variance (IF:
+out_channels = 2·in_channels) has its first half taken; v-prediction models (SD 2.x at 768) are
+converted, ε = √ᾱ_t v + √(1−ᾱ_t) x_t.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sds3d.cameras import CameraConfig, Cameras
+from sds3d.errors import UserError
+from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Models that ship inside the package, named like hub ids; they resolve to their folder and load
+# through the same `from_pretrained` calls as any other folder.
+BUILTIN_MODELS = {"sds3d/world-prior-32": Path(__file__).parents[1] / "prior" / "weights" / "world-prior-32"}
+BUILTIN_PRIOR = "sds3d/world-prior-32"
+
+
+def resolve_model(model: str) -> str:
+    """A built-in model's folder, or `model` unchanged (a hub id or a local folder)."""
+    return str(BUILTIN_MODELS[model]) if model in BUILTIN_MODELS else model
+
+
+@dataclass
+class DiffusersGuidanceConfig:
+    model: str = ""  # hub id, local folder, or a built-in name (BUILTIN_MODELS)
+    sds: SDSConfig = field(default_factory=lambda: SDSConfig(guidance_scale=20.0))
+    dtype: str = "float32"
+    # Pass the rendering camera to a camera-conditioned U-Net (class_embed_type "projection");
+    # False gives it the "no camera" label it was trained with for dropped cameras.
+    camera_condition: bool = True
+    compile: bool = False  # torch.compile the U-Net and the VAE encoder (GPU)
+    channels_last: bool = False
+    kind: Literal["diffusers"] = "diffusers"
+
+    def build(self, camera: CameraConfig) -> DiffusersGuidance:
+        return DiffusersGuidance(self)
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
+
+
+def load_component(model: str, subfolder: str, library: str, class_name: str, **kwargs: Any) -> Any:
+    """`<library>.<class_name>.from_pretrained(model, subfolder=...)`, with one clear error when the
+    weights are neither on disk nor in the local hub cache."""
+    import importlib
+
+    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
+    except OSError as err:
+        raise UserError(
+            f"cannot load {model!r} ({subfolder}): not found locally and it could not be downloaded "
+            f"({type(err).__name__}); fetch it where the hub is reachable with `huggingface-cli download {model}` "
+            f"and copy the cache, or pass a local folder"
+        ) from None
+
+
+def read_model_index(model: str) -> dict[str, Any]:
+    """The pipeline's `model_index.json` (component → [library, class])."""
+    if _looks_local(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model folder {model!r} does not exist")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"{model!r} is not a diffusers model folder (no model_index.json)")
+        return json.loads(index.read_text())
+    try:
+        from huggingface_hub import constants, hf_hub_download
+
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+            "1",
+            "true",
+            "yes",
+        )
+        return json.loads(
+            Path(hf_hub_download(model, "model_index.json", local_files_only=offline)).read_text()
+        )
+    except Exception as err:  # offline, unknown repo, no cache: one line for the user
+        raise UserError(
+            f"cannot load {model!r}: not in the local hub cache and the hub is unreachable "
+            f"({type(err).__name__}); fetch it with `huggingface-cli download {model}` or pass a local folder"
+        ) from None
+
+
+class DiffusersGuidance(NoisePredictionGuidance):
+    """Any text-conditioned `UNet2DConditionModel` pipeline: pixel space (IF stage I, sds3d's prior)
+    or latent space when the folder has a `vae` (Stable Diffusion 1.x/2.x, SD-Turbo)."""
+
+    def __init__(self, config: DiffusersGuidanceConfig, components: dict[str, Any] | None = None):
+        """Loads `config.model` with `from_pretrained`, or takes ready `components` (scheduler_config,
+        tokenizer, text_encoder, unet and optionally vae; the speed benchmark builds them)."""
+        if config.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {config.dtype!r}; choose from {', '.join(DTYPES)}")
+        dtype = DTYPES[config.dtype]
+        if components is None:
+            if not config.model:
+                raise UserError("the diffusers prior needs a model: a diffusers folder or hub id")
+            components = load_pipeline_components(resolve_model(config.model), dtype)
+        super().__init__(config.sds, dict(components["scheduler_config"]))
+        self.config = config
+        self.dtype = dtype
+        self.prediction_type = str(components["scheduler_config"].get("prediction_type", "epsilon"))
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(
+                f"{config.model!r} predicts {self.prediction_type!r}; SDS needs epsilon or v_prediction"
+            )
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder: nn.Module | None = components["text_encoder"]
+        self.unet = components["unet"]
+        self.vae = components.get("vae")
+        for module in (self.text_encoder, self.unet, self.vae):
+            if module is not None:
+                module.to(dtype).eval().requires_grad_(False)  # frozen: SDS trains the scene, never the prior
+        # Latent models: the render is resized to the VAE's input size (e.g. 512 for SD 1.5).
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.image_size = int(self.unet.config.sample_size) * self.vae_scale
+        if config.channels_last:
+            for module in (self.unet, self.vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        # Compiled callables beside the modules (state dicts and configs stay the plain modules').
+        self._unet = torch.compile(self.unet) if config.compile else self.unet
+        self._vae_encode = (
+            None
+            if self.vae is None
+            else torch.compile(self.vae.encode)
+            if config.compile
+            else self.vae.encode
+        )
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise RuntimeError("the text encoder was released; every text must be encoded before")
+        tokens = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        device = next(self.text_encoder.parameters()).device
+        kwargs = {}
+        if "T5" in type(self.text_encoder).__name__:  # IF: T5 sees its attention mask (as IFPipeline)
+            kwargs["attention_mask"] = tokens.attention_mask.to(device)
+        return self.text_encoder(tokens.input_ids.to(device), **kwargs)[0][0]  # [L, D]
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once every embedding exists (T5-XXL alone is 9 GB in fp16)."""
+        self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        x = resize_to(rgb, self.image_size) * 2 - 1
+        if self.vae is None or self._vae_encode is None:
+            return x
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # The posterior mean (deterministic), scaled to unit variance as the U-Net was trained.
+        latents = self._vae_encode(x.to(self.dtype)).latent_dist.mean
+        return latents.float() * float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def decode_images(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return super().decode_images(x)
+        image = self.vae.decode((x / float(self.vae.config.scaling_factor)).to(self.dtype)).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
+    ) -> torch.Tensor:
+        emb = torch.stack(list(embeddings)).to(device=x_t.device, dtype=self.dtype)
+        class_labels = None
+        if self.unet.config.class_embed_type == "projection":  # camera-conditioned (sds3d's own prior)
+            from sds3d.prior.model import CAMERA_DIM, camera_condition
+
+            if cameras is None or not self.config.camera_condition:
+                class_labels = torch.zeros(x_t.shape[0], CAMERA_DIM, device=x_t.device)
+            else:
+                class_labels = camera_condition(cameras.elevation_deg, cameras.azimuth_deg).to(x_t.device)
+            class_labels = class_labels.to(self.dtype)
+        x_in = x_t.to(self.dtype)
+        if self.config.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        out = self._unet(x_in, t, encoder_hidden_states=emb, class_labels=class_labels).sample
+        channels = x_t.shape[1]
+        if out.shape[1] == 2 * channels:  # learned variance (IF): keep ε
+            out = out[:, :channels]
+        out = out.to(x_t.dtype)
+        if self.prediction_type == "v_prediction":  # SD 2.x at 768: ε = √ᾱ v + √(1−ᾱ) x_t
+            abar = self.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+            out = abar.sqrt() * out + (1 - abar).sqrt() * x_t
+        return out
+
+
+def load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Scheduler config, tokenizer, text encoder, U-Net and (latent models) VAE of a diffusers
+    folder or hub id, each with `from_pretrained` and the class its `model_index.json` names."""
+    index = read_model_index(model)
+    tok_lib, tok_cls = index.get("tokenizer", ["transformers", "AutoTokenizer"])
+    enc_lib, enc_cls = index.get("text_encoder", ["transformers", "CLIPTextModel"])
+    components = {
+        "scheduler_config": load_component(model, "scheduler", "diffusers", "DDPMScheduler").config,
+        "tokenizer": load_component(model, "tokenizer", tok_lib, tok_cls),
+        "text_encoder": load_component(model, "text_encoder", enc_lib, enc_cls, torch_dtype=dtype),
+        "unet": load_component(model, "unet", "diffusers", "UNet2DConditionModel", torch_dtype=dtype),
+    }
+    if index.get("vae"):
+        vae_lib, vae_cls = index["vae"]
+        components["vae"] = load_component(model, "vae", vae_lib, vae_cls, torch_dtype=dtype)
+    return components

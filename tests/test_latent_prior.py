@@ -1,0 +1,138 @@
+"""Stable Diffusion's (latent, VAE) and DeepFloyd IF's (pixels, T5, learned variance) layouts through
+the one diffusers guidance, from tiny random-weight folders loaded as a hub model would be."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from sds3d.cameras import CameraConfig, sample_cameras
+from sds3d.config import preset
+from sds3d.guidance.base import SDSConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+from sds3d.render.volume import render
+from sds3d.train import build_scene, train
+
+
+def _guidance(model, **kwargs):
+    return DiffusersGuidanceConfig(model=str(model), **kwargs).build(CameraConfig())
+
+
+def test_sd_layout_loads_with_its_vae(tiny_sd_model):
+    guidance = _guidance(tiny_sd_model)
+    assert isinstance(guidance.vae, AutoencoderKL)
+    assert guidance.vae_scale == 2 and guidance.image_size == 16  # 8×8 latents ← 16×16 images
+    x = guidance.encode_images(torch.rand(1, 3, 32, 32))
+    assert x.shape == (1, 4, 8, 8)
+    emb = guidance.encode_prompt("a red cube")
+    assert emb.shape == (guidance.tokenizer.model_max_length, 16)
+
+
+def test_latent_sds_gradient_equals_an_independent_diffusers_computation(tiny_sd_model):
+    scale = 7.5
+    guidance = _guidance(tiny_sd_model, sds=SDSConfig(guidance_scale=scale))
+    rgb = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    cond, uncond = [guidance.encode_prompt("a red cube")] * 2, [guidance.encode_prompt("")] * 2
+    out = guidance(rgb, cond, uncond, 0.3, generator=torch.Generator().manual_seed(1))
+    (ours,) = torch.autograd.grad(out.loss, rgb)
+
+    # By hand from diffusers' pieces, with the step's t and ε: encode, noise, CFG, w(t)(ε̂ − ε).
+    vae = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(tiny_sd_model, subfolder="scheduler")
+    leaf = rgb.detach().requires_grad_(True)
+    image = F.interpolate(leaf, size=(16, 16), mode="bilinear", antialias=True) * 2 - 1
+    latents = vae.encode(image).latent_dist.mean * vae.config.scaling_factor
+    t, noise = out.timesteps, out.noise
+    x_t = sched.add_noise(latents.detach(), noise, t)
+    with torch.no_grad():
+        e_u = unet(x_t, t, encoder_hidden_states=torch.stack(uncond)).sample
+        e_c = unet(x_t, t, encoder_hidden_states=torch.stack(cond)).sample
+    w = (1 - sched.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    grad_latents = w * (e_u + scale * (e_c - e_u) - noise) / 2  # ∂loss/∂latents = g / B
+    (expected,) = torch.autograd.grad((latents * grad_latents).sum(), leaf)
+    assert ours.abs().sum() > 0
+    assert torch.allclose(ours, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_latent_sds_trains_a_nerf_through_the_vae_and_leaves_the_prior_untouched(tiny_sd_model, tmp_path):
+    config = preset("fast")
+    config.camera.width = config.camera.height = 16
+    config.renderer.num_samples = 8
+    config = dataclasses.replace(config, prompt="a red cube", steps=3, validate_every=0,
+                                 guidance=DiffusersGuidanceConfig(model=str(tiny_sd_model)))  # fmt: skip
+    out = train(config, tmp_path, progress=False)
+    assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
+
+    scene, guidance = build_scene(config), _guidance(tiny_sd_model)
+    cams = sample_cameras(config.camera, torch.Generator().manual_seed(0))
+    rgb = render(scene.nerf, scene.background, cams, config.renderer.num_samples).rgb
+    rgb.retain_grad()  # the VAE encoder's input
+    emb = [guidance.encode_prompt(config.prompt)]
+    guidance(rgb, emb, [guidance.encode_prompt("")], 0.5).loss.backward()
+    assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    tables = scene.nerf.encoding.tables.grad
+    assert tables is not None and torch.isfinite(tables).all() and tables.abs().sum() > 0
+    frozen = [*guidance.unet.parameters(), *guidance.vae.parameters(), *guidance.text_encoder.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+
+
+def test_the_text_encoder_can_be_released_after_encoding(tiny_sd_model):
+    guidance = _guidance(tiny_sd_model)
+    emb = guidance.encode_prompt("a red cube")
+    guidance.release_text_encoder()
+    assert guidance.text_encoder is None
+    rgb = torch.rand(1, 3, 16, 16)
+    assert torch.isfinite(guidance(rgb, [emb], [emb], 0.5).loss)
+    with pytest.raises(RuntimeError, match="released"):
+        guidance.encode_prompt("a blue torus")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_prior_gives_float32_gradients(tiny_sd_model, dtype):
+    guidance = _guidance(tiny_sd_model, dtype=dtype, sds=SDSConfig(guidance_scale=5.0))
+    assert guidance.unet.dtype == guidance.vae.dtype == getattr(torch, dtype)
+    rgb = torch.rand(2, 3, 16, 16).requires_grad_(True)
+    emb = [guidance.encode_prompt("a red cube")] * 2
+    out = guidance(
+        rgb, emb, [guidance.encode_prompt("")] * 2, 0.5, generator=torch.Generator().manual_seed(0)
+    )
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and rgb.grad is not None and rgb.grad.dtype == torch.float32
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+
+
+def test_v_prediction_models_are_converted_to_epsilon(tmp_path):
+    from conftest import build_tiny_sd_pipeline
+
+    model = build_tiny_sd_pipeline(tmp_path / "v", prediction_type="v_prediction")
+    guidance = _guidance(model)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 800])
+    emb = [guidance.encode_prompt("a red cube")] * 2
+    with torch.no_grad():
+        v = guidance.unet(x_t, t, encoder_hidden_states=torch.stack(emb)).sample
+        eps = guidance.predict_noise(x_t, t, emb, None)
+    abar = DDPMScheduler.from_pretrained(model, subfolder="scheduler").alphas_cumprod[t].view(-1, 1, 1, 1)
+    # x_t = √ᾱ x0 + √(1−ᾱ) ε and v = √ᾱ ε − √(1−ᾱ) x0  ⇒  ε = √ᾱ v + √(1−ᾱ) x_t
+    assert torch.allclose(eps, abar.sqrt() * v + (1 - abar).sqrt() * x_t, atol=1e-5)
+
+
+def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
+    guidance = _guidance(tiny_if_model, sds=SDSConfig(guidance_scale=20.0))
+    assert guidance.vae is None and type(guidance.text_encoder).__name__ == "T5EncoderModel"
+    emb = guidance.encode_prompt("a red cube")
+    assert emb.shape == (guidance.tokenizer.model_max_length, 24)
+    eps = guidance.predict_noise(torch.randn(2, 3, 8, 8), torch.tensor([5, 500]), [emb, emb], None)
+    assert eps.shape == (2, 3, 8, 8)  # the variance half (channels 3–5) is dropped
+    config = preset("fast")
+    config.camera.width = config.camera.height = 8
+    config.renderer.num_samples = 8
+    config = dataclasses.replace(config, prompt="a red cube", steps=2, validate_every=0,
+                                 guidance=DiffusersGuidanceConfig(model=str(tiny_if_model)))  # fmt: skip
+    out = train(config, tmp_path, progress=False)
+    assert out.steps_done == 2 and out.final_losses["grad_norm"] > 0
