@@ -44,7 +44,7 @@ def _one_line_error(capsys, argv) -> str:
             ["generate", "a red cube", "--model", "/nonexistent/model"],
             "model folder '/nonexistent/model' does not exist",
         ),
-        (["generate", "a red cube", "--prior", "diffusers"], "needs --model"),
+        (["generate", "a red cube", "--preset", "empirical", "--prior", "diffusers"], "needs --model"),
         (
             ["generate", "a red cube", "--prior", "gaussian", "--model", "x"],
             "--model is for the diffusers prior",

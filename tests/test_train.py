@@ -84,12 +84,12 @@ def test_config_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("prompt,shape,color", [("a red cube", "cube", "red")])
 def test_empirical_prior_sds_recovers_a_world_object(tmp_path, prompt, shape, color):
-    """The core claim, end to end on the CPU: the default preset's mesh matches the ground truth."""
+    """The core claim, end to end on the CPU: the empirical prior's mesh matches the ground truth."""
     from sds3d.api import generate
     from sds3d.world.metrics import area_weighted_color, mesh_iou, nearest_color
 
     torch.set_num_threads(2)
-    config = dataclasses.replace(preset("default"), prompt=prompt, validate_every=0)
+    config = dataclasses.replace(preset("empirical"), prompt=prompt, validate_every=0)
     out = generate(config, tmp_path, progress=False)
     import trimesh
 

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, help="run folder (default: outputs/<slug-of-prompt>-<timestamp>/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    g.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the preset's; cpu for default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("export", help="mesh and turntable of a run folder's last checkpoint")
     e.add_argument("run_dir", type=Path)
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
-    b = sub.add_parser("bench", help="benchmarks: quality (3D results against ground truth)")
+    b = sub.add_parser(
+        "bench", help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor)"
+    )
     b.add_argument("benchmark", choices=list(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     pt.add_argument("--compile", action="store_true", help="torch.compile the U-Net and text encoder (GPU)")
@@ -107,9 +109,14 @@ def _resolve_config(args: argparse.Namespace):
             if prior not in GUIDANCE_KINDS:
                 raise UserError(f"unknown prior {prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
             if prior == "diffusers":
-                if not args.model:
+                if isinstance(config.guidance, DiffusersGuidanceConfig):  # keep the preset's SDS settings
+                    config.guidance = dataclasses.replace(
+                        config.guidance, model=args.model or config.guidance.model
+                    )
+                elif not args.model:
                     raise UserError("--prior diffusers needs --model, a diffusers folder or hub id")
-                config.guidance = DiffusersGuidanceConfig(model=args.model)
+                else:
+                    config.guidance = DiffusersGuidanceConfig(model=args.model)
             elif args.model:
                 raise UserError(f"--model is for the diffusers prior, not {prior!r}")
             elif config.guidance.kind != prior:
@@ -118,7 +125,8 @@ def _resolve_config(args: argparse.Namespace):
             config.seed = args.seed
     if args.steps is not None:
         config.steps = args.steps
-    config.device = args.device
+    if args.device is not None:
+        config.device = args.device
     return config
 
 
@@ -211,7 +219,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
 
 # `sds3d bench NAME ARGS…` runs `python -m sds3d.bench.NAME ARGS…`.
-BENCHMARKS = {"quality": "sds3d.bench.quality"}
+BENCHMARKS = {"quality": "sds3d.bench.quality", "speed": "sds3d.bench.speed"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from sds3d.guidance.analytic import (
     WorldViewsConfig,
 )
 from sds3d.guidance.base import SDSConfig
-from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidanceConfig
 from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp, Scheduled
 from sds3d.render.volume import VolumeRendererConfig
@@ -80,10 +80,9 @@ class RunConfig:
 
 
 # --- presets ------------------------------------------------------------------------------------
-# The CPU default: the empirical prior of the synthetic world (the exact denoiser of 256
-# ground-truth renders per object, camera-conditioned with a 10° kernel) at 32×32; s = 1 (no CFG;
-# diffusers convention, DreamFusion ω = 0); w = 1 − ᾱ_t; t ~ U[0.02, t_max] with t_max annealed
-# linearly 0.98 → 0.3; an entropy penalty on opacity that grows over the second part of training
+# The CPU default: sds3d's own learned prior (sds3d/world-prior-32, a 32×32 pixel diffusers model of
+# the synthetic world, camera-conditioned) at 32×32 renders, CFG s = 20 (diffusers convention), w = 1 − ᾱ_t,
+# t ~ U[0.02, t_max] with t_max annealed linearly 0.98 → 0.3; an entropy penalty on opacity that grows over the second part of training
 # removes semi-transparent haze. Cameras reach 85° elevation so that the torus hole is seen.
 _DEFAULT = RunConfig(
     steps=400,
@@ -92,18 +91,50 @@ _DEFAULT = RunConfig(
     ),
     nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=8, max_resolution=128)),
     renderer=VolumeRendererConfig(num_samples=40),
+    guidance=DiffusersGuidanceConfig(
+        model=BUILTIN_PRIOR, sds=SDSConfig(guidance_scale=20.0, t_schedule="linear", t_max_end=0.3)
+    ),
+    regularizers=RegularizerConfig(entropy=Ramp(0.0, 0.05, 0.3, 1.0)),
+)
+# The empirical prior of the synthetic world (the exact denoiser of 256 ground-truth renders per
+# object, camera-conditioned with a 10° kernel): no learned weights at all; s = 1 (no CFG;
+# DreamFusion ω = 0); t_max annealed linearly 0.98 → 0.3.
+_EMPIRICAL = dataclasses.replace(
+    _DEFAULT, preset="empirical",
     guidance=EmpiricalPriorGuidanceConfig(
         sds=SDSConfig(guidance_scale=1.0, t_schedule="linear", t_max_end=0.3),
         views=WorldViewsConfig(resolution=32, views_per_object=256),
         camera_kernel_deg=10.0,
     ),
-    regularizers=RegularizerConfig(entropy=Ramp(0.0, 0.05, 0.3, 1.0)),
+)  # fmt: skip
+
+# --- Stable Diffusion and DeepFloyd IF (GPU; weights by hub id, fetched once where the hub is reachable)
+# threestudio's dreamfusion-sd.yaml / dreamfusion-if.yaml in this codebase's units: guidance scale in
+# the diffusers convention s (threestudio's `guidance_scale` is the same s: ε_∅ + s(ε_y − ε_∅);
+# DreamFusion's paper writes ω = s − 1), t ~ U[0.02, 0.98], w = 1 − ᾱ_t, 64×64 renders, 10k steps,
+# orientation loss ramped 10 → 1000 over the first half, sparsity 1, a learned (environment-map)
+# background, DreamFusion's shading mix (albedo 0.2, textureless 0.5, lambertian 0.3). Cameras keep
+# this world's radius 2.5 and field of view 40° (threestudio: 1.5–2.0 and 40–70° for its radius-2 box).
+_SD_CAMERA = CameraConfig(
+    elevation_deg=(-10.0, 85.0), radius=(2.5, 2.5), fovy_deg=(40.0, 40.0), width=64, height=64
 )
+_DREAMFUSION = dataclasses.replace(
+    _DEFAULT, steps=10_000, device="cuda", validate_every=1000, checkpoint_every=1000, camera=_SD_CAMERA,
+    nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=16, log2_table_size=19, max_resolution=2048)),
+    background=BackgroundConfig(kind="learned"),
+    renderer=VolumeRendererConfig(num_samples=64, albedo_prob=0.2, textureless_prob=0.5),
+    regularizers=RegularizerConfig(orientation=Ramp(10.0, 1000.0, 0.0, 0.5), sparsity=1.0),
+    guidance=DiffusersGuidanceConfig(
+        model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16",
+        sds=SDSConfig(guidance_scale=100.0, weighting="dreamfusion", t_min=0.02, t_max=0.98),
+    ),
+)  # fmt: skip
 
 PRESETS: dict[str, RunConfig] = {
     "default": _DEFAULT,
     # A few hundred steps: a first look in about a minute.
     "fast": dataclasses.replace(_DEFAULT, preset="fast", steps=200, validate_every=50, checkpoint_every=50),
+    "empirical": _EMPIRICAL,
     # The analytic Gaussian prior: N(mean render, 0.5²I) per prompt. A smoke test of the whole path.
     "gaussian": dataclasses.replace(
         _DEFAULT, preset="gaussian", steps=200,
@@ -111,17 +142,39 @@ PRESETS: dict[str, RunConfig] = {
     ),
     # The literal diffusion loss, back-propagated through the denoiser (the Jacobian SDS omits).
     "literal": dataclasses.replace(
-        _DEFAULT, preset="literal",
-        guidance=dataclasses.replace(_DEFAULT.guidance, sds=dataclasses.replace(_DEFAULT.guidance.sds, mode="literal")),
+        _EMPIRICAL, preset="literal",
+        guidance=dataclasses.replace(_EMPIRICAL.guidance, sds=dataclasses.replace(_EMPIRICAL.guidance.sds, mode="literal")),
+    ),
+    "dreamfusion-sd": dataclasses.replace(_DREAMFUSION, preset="dreamfusion-sd"),
+    "dreamfusion-if": dataclasses.replace(
+        _DREAMFUSION, preset="dreamfusion-if",
+        guidance=DiffusersGuidanceConfig(model="DeepFloyd/IF-I-XL-v1.0", dtype="bfloat16",
+                                         sds=SDSConfig(guidance_scale=20.0, t_min=0.02, t_max=0.98)),
+    ),
+    # Ours: the dreamfusion-sd recipe in 3,000 steps with t_max annealed 0.98 → 0.5 (HiFA's sqrt
+    # schedule), a compiled U-Net and VAE encoder, and no orientation loss (its normals need a second
+    # backward through the NeRF). Speed is measured (benchmarks/speed_*.md); quality is not measured
+    # here, where no Stable Diffusion weights can be downloaded.
+    "fast-sd": dataclasses.replace(
+        _DREAMFUSION, preset="fast-sd", steps=3000, validate_every=500, checkpoint_every=500,
+        regularizers=RegularizerConfig(sparsity=1.0),
+        guidance=DiffusersGuidanceConfig(
+            model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,
+            sds=SDSConfig(guidance_scale=100.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
+        ),
     ),
 }  # fmt: skip
 
 
 PRESET_NOTES: dict[str, str] = {
-    "default": "empirical prior of the synthetic world, camera-conditioned, 32x32, s=1 (diffusers CFG), w=1-abar",
+    "default": "sds3d's learned prior of the synthetic world (sds3d/world-prior-32), camera-conditioned, 32x32, s=20",
     "fast": "the default, fewer steps: a first look",
+    "empirical": "the exact (empirical) denoiser of ground-truth renders: no learned weights, s=1, 32x32",
     "gaussian": "analytic Gaussian prior N(mean render, 0.5^2 I): a smoke test of the whole path",
-    "literal": "the literal diffusion loss through the denoiser (keeps the Jacobian SDS omits)",
+    "literal": "the literal diffusion loss through the empirical denoiser (keeps the Jacobian SDS omits)",
+    "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=100, w=1-abar, 64x64, 10k steps (GPU)",
+    "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=20, 64x64, 10k steps (GPU)",
+    "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled U-Net and VAE (GPU)",
 }
 
 

@@ -155,15 +155,21 @@ class _StopRequest:
 
 
 def train(
-    config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True, on_step=None
+    config: RunConfig,
+    run_dir: Path | str,
+    resume: bool = False,
+    progress: bool = True,
+    on_step=None,
+    guidance: NoisePredictionGuidance | None = None,
 ) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
-    `on_step(step, scene)` is called after each completed step (used by tests and benchmarks).
+    `on_step(step, scene)` is called after each completed step (used by tests and benchmarks);
+    `guidance` replaces the one `config.guidance` builds (the speed benchmark's random-weight models).
     """
     run_dir = Path(run_dir)
     # The prior first: a missing model or an unknown prompt fails before anything is written.
-    guidance = build_guidance(config)
+    guidance = build_guidance(config) if guidance is None else guidance
     prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
     prompts.precompute()  # every text once; then the text encoder goes (large for SD and IF)
     release = getattr(guidance, "release_text_encoder", None)
@@ -234,8 +240,11 @@ def train(
 
             done = step + 1
             if done % sync_every == 0 or done == config.steps:
-                value = float(last["loss"])
-                if not np.isfinite(value) or not _finite(scene):
+                # One host sync for the loss, the timestep and the NaN check together.
+                value, t_shown, finite = torch.stack(
+                    [last["loss"].float(), g.timesteps[0].float(), _finite(scene).float()]
+                ).tolist()
+                if not np.isfinite(value) or not finite:
                     bar.close()
                     kept = _checkpoint_step(run_dir)
                     where = (
@@ -244,7 +253,7 @@ def train(
                         else "no checkpoint was written yet"
                     )
                     raise DivergedError(f"training diverged to NaN/Inf at step {done}; {where}")
-                bar.set_postfix(loss=f"{value:.4g}", t=int(g.timesteps[0]))
+                bar.set_postfix(loss=f"{value:.4g}", t=int(t_shown))
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, done, generator.get_state())
@@ -266,8 +275,9 @@ def train(
     )  # fmt: skip
 
 
-def _finite(scene: Scene) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in scene.parameters())
+def _finite(scene: Scene) -> torch.Tensor:
+    """A 0-d bool tensor (no host sync): every parameter is finite."""
+    return torch.stack([torch.isfinite(p).all() for p in scene.parameters()]).all()
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,21 @@ class DiffusersGuidance(NoisePredictionGuidance):
             else self.vae.encode
         )
 
+    def _check_builtin_vocabulary(self, text: str) -> None:
+        """The built-in prior's tokenizer spells unknown words letter by letter; say so instead."""
+        vocab = self.tokenizer.get_vocab()
+        unknown = [w for w in re.findall(r"[a-z]+", text.lower()) if f"{w}</w>" not in vocab]
+        if unknown:
+            raise UserError(
+                f"the built-in prior {self.config.model} knows only the synthetic-world prompts "
+                f'("a {{colour}} {{shape}}", e.g. "a blue torus"), not the word(s) {", ".join(unknown)}; '
+                "pass --model for another diffusers model"
+            )
+
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
+        if self.config.model in BUILTIN_MODELS:
+            self._check_builtin_vocabulary(text)
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was released; every text must be encoded before")
         tokens = self.tokenizer(

@@ -35,6 +35,10 @@ class PriorTrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     camera_dropout: float = 0.2
+    # Offset noise (Guttenberg 2023): a per-image, per-channel constant added to ε. Without it the
+    # model learns to read each image's mean colour from the signal the last timesteps leak, and
+    # samples from pure noise get a random background colour (seen in the first shipped weights).
+    offset_noise: float = 0.1
     checkpoint_every: int = 1000
     seed: int = 0
     data: PriorDataConfig = field(default_factory=PriorDataConfig)
@@ -116,7 +120,10 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         present = torch.rand(config.batch_size, generator=g) >= config.camera_dropout
         cams = camera_condition(dataset.elevation_deg[index], dataset.azimuth_deg[index], present).to(device)
         t = torch.randint(0, abar.shape[0], (config.batch_size,), generator=g).to(device)
-        noise = torch.randn(config.batch_size, *images.shape[1:], generator=g).to(device)
+        noise = torch.randn(config.batch_size, *images.shape[1:], generator=g)
+        if config.offset_noise > 0:
+            noise += config.offset_noise * torch.randn(config.batch_size, images.shape[1], 1, 1, generator=g)
+        noise = noise.to(device)
         x = images[index.to(device)].float()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             emb = run_text(tokens(captions))[0]

@@ -157,7 +157,8 @@ def render(
     normals_needed = need_normals or shading != "albedo"
     if torch.is_grad_enabled():
         if normals_needed:
-            field, n = nerf.normals(flat, create_graph=normals_create_graph)
+            # Shading trains the geometry through its normals (DreamFusion), so it keeps their graph.
+            field, n = nerf.normals(flat, create_graph=normals_create_graph or shading != "albedo")
             sample_normals = n.reshape(r, num_samples, 3)
         else:
             field = nerf(flat)

@@ -70,7 +70,10 @@ class HashGridNeRF(nn.Module):
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
             out = self.forward(points)
-            (grad,) = torch.autograd.grad(out.density.sum(), points, create_graph=create_graph)
+            # retain_graph: the density's graph is still needed by the loss's backward.
+            (grad,) = torch.autograd.grad(
+                out.density.sum(), points, create_graph=create_graph, retain_graph=True
+            )
         return out, -F.normalize(grad, dim=-1, eps=1e-6)
 
 

@@ -1,0 +1,285 @@
+"""`sds3d bench speed`: one SDS step against its floor, for a published architecture with random
+weights (timing does not depend on the weights, and nothing is downloaded).
+
+    sds3d bench speed --arch sd15|sd21|builtin [--device cuda] [--compile] [--out benchmarks]
+
+The real training loop (`train.train`, the fast-sd preset's NeRF, renderer and SDS settings, 64×64
+renders) runs with a `DiffusersGuidance` built from the architecture's published config. Reported:
+- step: median wall time between consecutive steps after warm-up (CUDA events on a GPU);
+- phases inside those steps: render (NeRF forward), VAE encode (forward), U-Net (the CFG pair),
+  and the rest (backward through VAE and NeRF, optimiser, SDS arithmetic);
+- floor: the U-Net CFG-pair forward + the VAE encoder forward and backward, measured alone in the
+  same process and mode (eager or compiled) — what no implementation of this step can beat;
+- step / floor, peak GPU memory over the run, and 10k steps projected from the median step.
+`builtin` is sds3d's own prior (pixels, 32×32) with the default preset instead. `tiny-sd` is a toy
+SD layout for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sds3d.bench.report import describe_machine, write_report
+from sds3d.config import RunConfig, preset
+from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidance, DiffusersGuidanceConfig
+
+PROMPT = "a blue torus"
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon", "clip_sample": False}  # fmt: skip
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4, "latent_channels": 4, "layers_per_block": 2,
+          "sample_size": 512, "scaling_factor": 0.18215}  # fmt: skip
+_SD_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}  # fmt: skip
+# Published configs: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1-base
+# (unet/, vae/, text_encoder/ config.json).
+ARCHS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "unet": {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
+        "vae": SD_VAE,
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+    },
+    "sd21": {
+        "unet": {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+                 "use_linear_projection": True},
+        "vae": SD_VAE,
+        "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+                 "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512},
+    },
+    "tiny-sd": {  # the SD layout at toy size: 16×16 images ↔ 8×8 latents (tests)
+        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32),
+                 "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 16,
+                 "attention_head_dim": 4, "norm_num_groups": 8},
+        "vae": {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2, "latent_channels": 4, "norm_num_groups": 4,
+                "layers_per_block": 1, "sample_size": 16},
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "max_position_embeddings": 16},
+    },
+}  # fmt: skip
+
+
+def build_components(arch: str, tokenizer_dir: Path) -> dict[str, Any]:
+    """Random-weight scheduler config, tokenizer, CLIP text encoder, U-Net and VAE of `arch`.
+    The tokenizer is the world's CLIP tokenizer (written to `tokenizer_dir`), padded to the text
+    encoder's length."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sds3d.world.tokenizer import write_world_tokenizer
+
+    spec = ARCHS[arch]
+    length = int(spec["text"]["max_position_embeddings"])
+    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(tokenizer_dir, model_max_length=length))
+    vocab = max(len(tokenizer), 49408) if length == 77 else len(tokenizer)
+    return {
+        "scheduler_config": DDPMScheduler.from_config(SD_SCHEDULER).config,
+        "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **spec["text"])),
+        "unet": UNet2DConditionModel(**spec["unet"]),
+        "vae": AutoencoderKL(**spec["vae"]),
+    }
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU (no sync), host time on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return float(a.elapsed_time(b))
+        return (b - a) * 1000.0
+
+
+def median_ms(fn: Callable[[], Any], clock: Clock, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    marks = [clock.mark()]
+    for _ in range(iters):
+        fn()
+        marks.append(clock.mark())
+    return statistics.median(clock.ms(a, b) for a, b in zip(marks, marks[1:], strict=False))
+
+
+def run_config(arch: str, device: str, compile: bool, dtype: str) -> RunConfig:
+    if arch == "builtin":
+        config = dataclasses.replace(preset("default"), prompt=PROMPT)
+    else:
+        config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
+    assert isinstance(config.guidance, DiffusersGuidanceConfig)
+    guidance = dataclasses.replace(config.guidance, compile=compile, dtype=dtype)
+    return dataclasses.replace(
+        config, device=device, guidance=guidance, validate_every=0, checkpoint_every=10**9
+    )
+
+
+def measure(arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+    from sds3d import train as train_module
+
+    dev = torch.device(device)
+    clock = Clock(dev)
+    config = run_config(arch, device, compile, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if arch == "builtin":
+            guidance = DiffusersGuidanceConfig(model=BUILTIN_PRIOR, compile=compile, dtype=dtype).build(
+                config.camera
+            )
+        else:
+            assert isinstance(config.guidance, DiffusersGuidanceConfig)
+            guidance = DiffusersGuidance(config.guidance, build_components(arch, Path(tmp) / "tokenizer"))
+        guidance.to(dev)
+        build_s = time.perf_counter() - t0
+        # The floor, alone: U-Net on a CFG pair, and the VAE encoder forward + backward.
+        emb = guidance.encode_prompt(PROMPT)
+        res = config.camera.width
+        channels = int(guidance.unet.config.in_channels)
+        size = int(guidance.unet.config.sample_size)
+        x_t = torch.randn(2, channels, size, size, device=dev)
+        t = torch.tensor([500, 500], device=dev)
+
+        def unet_pair() -> None:
+            with torch.no_grad():
+                guidance.predict_noise(x_t, t, [emb, emb], None)
+
+        rgb = torch.rand(1, 3, res, res, device=dev, requires_grad=True)
+
+        def vae_fb() -> None:
+            guidance.encode_images(rgb).sum().backward()
+
+        floor = {"unet_pair_ms": median_ms(unet_pair, clock, warmup, steps)}
+        floor["vae_encode_fb_ms"] = (
+            median_ms(vae_fb, clock, warmup, steps) if guidance.vae is not None else 0.0
+        )
+        floor["floor_ms"] = floor["unet_pair_ms"] + floor["vae_encode_fb_ms"]
+
+        # The real loop, with marks around the render, the VAE encode and the U-Net of every step.
+        phases: dict[str, list[tuple[Any, Any]]] = {"render": [], "vae_encode": [], "unet": []}
+
+        def timed(name: str, fn: Callable) -> Callable:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                a = clock.mark()
+                out = fn(*args, **kwargs)
+                phases[name].append((a, clock.mark()))
+                return out
+
+            return wrapper
+
+        step_marks: list[Any] = []
+        real_render = train_module.render
+        train_module.render = timed("render", real_render)  # type: ignore[assignment]
+        if guidance.vae is not None:
+            guidance.encode_images = timed("vae_encode", guidance.encode_images)  # type: ignore[method-assign]
+        guidance.predict_noise = timed("unet", guidance.predict_noise)  # type: ignore[method-assign]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step_marks.append(clock.mark())
+            train_module.train(dataclasses.replace(config, steps=warmup + steps), Path(tmp) / "run", progress=False,
+                               guidance=guidance, on_step=lambda step, scene: step_marks.append(clock.mark()))  # fmt: skip
+        finally:
+            train_module.render = real_render  # type: ignore[assignment]
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+        step_ms = [
+            clock.ms(a, b) for a, b in zip(step_marks[warmup:], step_marks[warmup + 1 :], strict=False)
+        ]
+        inside = {
+            name: [clock.ms(a, b) for a, b in marks[warmup:]] for name, marks in phases.items() if marks
+        }
+    step = statistics.median(step_ms)
+    phase_ms = {name: statistics.median(v) for name, v in inside.items()}
+    phase_ms["rest"] = step - sum(phase_ms.values())
+    return {
+        "arch": arch, "device": device, "compile": compile, "dtype": dtype, "preset": config.preset,
+        "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
+        "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
+        "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
+        "floor_ms": {k: round(v, 2) for k, v in floor.items()},
+        "step_over_floor": round(step / floor["floor_ms"], 3),
+        "peak_gpu_gb": None if peak_gb is None else round(peak_gb, 2),
+        "projected_10k_min": round(step * 10_000 / 60_000, 2),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sds3d bench speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd15", help=f"comma-separated: {', '.join([*ARCHS, 'builtin'])}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE encoder")
+    parser.add_argument(
+        "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--name", default=None, help="report name (default: speed_<archs>[_compile])")
+    args = parser.parse_args(argv)
+    archs = args.arch.split(",")
+    unknown = [a for a in archs if a not in ARCHS and a != "builtin"]
+    if unknown:
+        parser.error(f"unknown arch {', '.join(unknown)}; choose from {', '.join([*ARCHS, 'builtin'])}")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    rows = []
+    for arch in archs:
+        rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup))
+        print(rows[-1], flush=True)
+    command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
+              "results": rows}  # fmt: skip
+    m = report["machine"]
+    mode = "torch.compile" if args.compile else "eager"
+    lines = [
+        f"# SDS step against its floor ({mode}, {dtype})",
+        "",
+        f"Command: `{report['command']}` ({report['date']})  ",
+        f"Machine: GPU {m['gpu']}, {m['cpu']} ({m['cores']} cores), torch {m['torch']}",
+        "",
+        "Random weights in each architecture's published config; the real training loop on a NeRF. "
+        f"Medians of {args.steps} steps after {args.warmup} warm-up steps. Floor = U-Net CFG-pair forward + "
+        "VAE encoder forward and backward, measured alone in the same process and mode.",
+        "",
+        "| arch | preset | render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
+        "| floor ms (U-Net + VAE f/b) | step / floor | peak GPU GB | 10k steps (min) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        p, f = r["phases_ms"], r["floor_ms"]
+        lines.append(
+            f"| {r['arch']} | {r['preset']} | {r['render_resolution']}², {r['samples_per_ray']} samples "
+            f"| {r['step_ms']:.1f} | {r['steps_per_s']:.1f} | {p.get('render', 0):.1f} | {p.get('vae_encode', 0):.1f} "
+            f"| {p.get('unet', 0):.1f} | {p['rest']:.1f} | {f['floor_ms']:.1f} ({f['unet_pair_ms']:.1f} + "
+            f"{f['vae_encode_fb_ms']:.1f}) | {r['step_over_floor']:.2f} | {r['peak_gpu_gb'] or '—'} "
+            f"| {r['projected_10k_min']:.1f} |"
+        )
+    name = args.name or ("speed_" + "_".join(archs) + ("_compile" if args.compile else ""))
+    write_report(args.out, name, report, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
