@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sds3d.devices import to_device
+
 # Elevation is kept this far from ±90° so that the look-at frame stays defined.
 MAX_ABS_ELEVATION_DEG = 89.0
 
@@ -53,8 +55,8 @@ class Cameras:
 
     def to(self, device: torch.device | str) -> Cameras:
         return Cameras(
-            self.c2w.to(device), self.fovy_deg.to(device), self.elevation_deg.to(device),
-            self.azimuth_deg.to(device), self.radius.to(device), self.width, self.height,
+            to_device(self.c2w, device), to_device(self.fovy_deg, device), to_device(self.elevation_deg, device),
+            to_device(self.azimuth_deg, device), to_device(self.radius, device), self.width, self.height,
         )  # fmt: skip
 
     def __getitem__(self, index: slice | int | torch.Tensor) -> Cameras:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sds3d import losses
 from sds3d.cameras import orbit_cameras, sample_cameras
 from sds3d.config import RunConfig, load_config, save_config
+from sds3d.devices import to_device
 from sds3d.errors import UserError
 from sds3d.guidance.base import NoisePredictionGuidance
 from sds3d.prompts import PromptProcessor
@@ -212,7 +213,7 @@ def train(
             orientation_w = value_at(reg.orientation, step_ratio)
             out = render(
                 scene.nerf, scene.background, cameras, config.renderer.num_samples, shading=shading,
-                light_positions=None if lights is None else lights.to(config.device), ambient=config.renderer.ambient,
+                light_positions=None if lights is None else to_device(lights, config.device), ambient=config.renderer.ambient,
                 stratified=True, need_normals=orientation_w > 0, normals_create_graph=orientation_w > 0,
                 generator=generator,
             )  # fmt: skip

@@ -27,6 +27,7 @@ from torch import nn
 
 from sds3d import diffusion
 from sds3d.cameras import Cameras
+from sds3d.devices import device_generator
 from sds3d.ramp import Scheduled, value_at
 
 
@@ -105,10 +106,9 @@ class NoisePredictionGuidance(nn.Module):
             t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, generator)
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
         else:  # drawn on the device from a seed of the run's generator: no host-to-device copy, no sync
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            device_generator = torch.Generator(x.device).manual_seed(seed)
-            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, device_generator, x.device)
-            noise = torch.randn(x.shape, generator=device_generator, dtype=torch.float32, device=x.device)
+            g = device_generator(generator, x.device)
+            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, g, x.device)
+            noise = torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device)
         abar_t = self.alphas_cumprod[t]
         literal = sds.mode == "literal"
         # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1).

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sds3d.cameras import Cameras, camera_rays
+from sds3d.devices import device_generator
 from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRF
 
 Shading = Literal["albedo", "lambertian", "textureless"]
@@ -67,10 +68,10 @@ def composite(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alpha compositing of N samples per ray: density [R, N], color [R, N, C], deltas [R, N]
     → (color [R, C], weights [R, N]). `_reference.composite_reference` is its loop twin."""
-    alpha = 1 - torch.exp(-density * deltas)
-    transmittance = torch.cumprod(
-        torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], dim=1), dim=1
-    )
+    tau = density * deltas
+    alpha = 1 - torch.exp(-tau)
+    # T_i = Π_{j<i}(1 − α_j) = exp(−Σ_{j<i} τ_j): an exclusive cumsum (cumprod's backward syncs the host).
+    transmittance = torch.exp(-(torch.cumsum(tau, dim=1) - tau))
     weights = alpha * transmittance
     return (weights[..., None] * color).sum(dim=1), weights
 
@@ -142,10 +143,10 @@ def render(
     far = torch.where(hit, far, near)
     # 1. Stratified sample positions inside the cube.
     u = (
-        torch.rand(r, num_samples, generator=generator).to(rays_o)
+        torch.rand(r, num_samples, generator=device_generator(generator, rays_o.device), device=rays_o.device)
         if stratified
-        else torch.full((r, num_samples), 0.5).to(rays_o)
-    )
+        else torch.full((r, num_samples), 0.5, device=rays_o.device)
+    ).to(rays_o.dtype)
     bins = (torch.arange(num_samples, device=rays_o.device, dtype=rays_o.dtype)[None] + u) / num_samples
     span = (far - near)[:, None]
     t = near[:, None] + span * bins  # [R, N]

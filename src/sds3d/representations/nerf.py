@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sds3d.devices import device_generator
 from sds3d.representations.encodings import HashGridConfig
 
 
@@ -93,9 +94,13 @@ class BackgroundConfig:
 class Background(nn.Module):
     """The colour behind the scene for each ray: [B, H, W, 3] in [0, 1]."""
 
+    color: torch.Tensor  # [3], a buffer
+
     def __init__(self, config: BackgroundConfig):
         super().__init__()
         self.config = config
+        # The solid colour as a buffer: it moves with the module, no host-to-device copy per render.
+        self.register_buffer("color", torch.tensor(config.color, dtype=torch.float32), persistent=False)
         if config.kind == "learned":
             self.mlp = nn.Sequential(
                 nn.Linear(3, config.hidden_dim), nn.ReLU(inplace=True), nn.Linear(config.hidden_dim, 3)
@@ -108,6 +113,7 @@ class Background(nn.Module):
         if self.config.kind == "learned":
             return torch.sigmoid(self.mlp(dirs))
         if self.config.kind == "random" and random:
-            color = torch.rand(b, 1, 1, 3, generator=generator).to(dirs)
+            g = device_generator(generator, dirs.device)
+            color = torch.rand(b, 1, 1, 3, generator=g, device=dirs.device).to(dirs.dtype)
             return color.expand_as(dirs)
-        return torch.tensor(self.config.color, dtype=dirs.dtype, device=dirs.device).expand_as(dirs)
+        return self.color.to(dirs.dtype).expand_as(dirs)
