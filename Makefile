@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.sds3d-installed
 PROMPT ?= a blue torus
 
-.PHONY: setup demo test lint bench gallery clean
+.PHONY: setup demo test lint bench bench-gpu gallery clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -23,13 +23,22 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q --durations=8
 
+# CPU benchmarks (this machine): about 75 minutes in all on 2 cores.
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks
-	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks
+	$(PY) -m sds3d.cli bench quality --out benchmarks
+	$(PY) -m sds3d.cli bench quality --quick --variants full,no-camera,no-view-prompts,neither \
+		--name quality_ablation --image docs/gallery.png --out benchmarks
 	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks
+	$(PY) -m sds3d.bench.gallery --out benchmarks
+
+# GPU benchmarks (an NVIDIA GPU; random-weight SD architectures, nothing downloaded).
+bench-gpu: $(STAMP)
+	$(PY) -m sds3d.cli bench speed --arch sd15,sd21,builtin --steps 30 --warmup 10 --out benchmarks --name speed_eager
+	$(PY) -m sds3d.cli bench speed --arch sd15,sd21,builtin --compile --steps 30 --warmup 15 --out benchmarks --name speed_compile
 
 gallery: $(STAMP)
-	$(PY) -m sds3d.bench.gallery --image docs/gallery.png --out benchmarks
+	$(PY) -m sds3d.cli bench quality --quick --name quality_quick --image docs/gallery.png --out benchmarks
 
 clean:
 	rm -rf .venv outputs .pytest_cache .ruff_cache .mypy_cache

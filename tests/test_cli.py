@@ -134,11 +134,13 @@ def test_generate_writes_mesh_turntable_summary_and_resume_extends(tmp_path, cap
 def test_console_script_lists_presets():
     exe = Path(sys.executable).parent / "sds3d"
     result = subprocess.run([str(exe), "presets"], capture_output=True, text=True, check=True)
-    assert re.search(r"^default\s+empirical", result.stdout, re.M)
+    assert re.search(r"^default\s+diffusers\s+400 steps\s+sds3d's learned prior", result.stdout, re.M)
+    assert re.search(r"^empirical\s+empirical\s+400 steps", result.stdout, re.M)
+    assert re.search(r"^dreamfusion-sd\s+diffusers\s+10000 steps", result.stdout, re.M)
     help_text = subprocess.run(
         [str(exe), "generate", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert re.search(r"empirical\s+prior", help_text)
+    assert re.search(r"learned\s+prior", help_text)
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):

@@ -136,3 +136,28 @@ def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
                                  guidance=DiffusersGuidanceConfig(model=str(tiny_if_model)))  # fmt: skip
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 2 and out.final_losses["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("name", ["dreamfusion-sd", "fast-sd", "dreamfusion-if"])
+def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
+    name, tiny_sd_model, tiny_if_model, tmp_path
+):
+    """The presets' recipe (learned background, shading mix, orientation and sparsity losses, their
+    SDS settings) for two steps on the CPU, the hub model swapped for a tiny local one and the scene
+    made small (32×32 renders, 16 samples, 2^15 table entries) so that it takes seconds."""
+    config = preset(name)
+    config.camera.width = config.camera.height = 32
+    config.renderer.num_samples = 16
+    config.nerf.grid.log2_table_size = 15
+    assert isinstance(config.guidance, DiffusersGuidanceConfig) and config.guidance.sds.guidance_scale in (
+        101.0,
+        21.0,
+    )
+    stand_in = tiny_if_model if name.endswith("-if") else tiny_sd_model
+    config = dataclasses.replace(config, prompt="a red cube", steps=2, device="cpu", validate_every=0,
+                                 guidance=dataclasses.replace(config.guidance, model=str(stand_in), dtype="float32",
+                                                              compile=False))  # fmt: skip
+    out = train(config, tmp_path, progress=False)
+    assert out.steps_done == 2 and all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
+    if name == "dreamfusion-sd":
+        assert out.final_losses["orientation"] >= 0 and "sparsity" in out.final_losses

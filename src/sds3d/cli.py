@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a NeRF for a prompt, then export a mesh and a turntable",
         description=(
             "Train a NeRF for PROMPT by score distillation, then write mesh.glb/.ply/.obj, turntable.gif "
-            "and summary.json. The default prior is the built-in *empirical prior of the synthetic world*: "
-            "the exact denoiser of ground-truth renders of 30 objects, so PROMPT must read "
+            "and summary.json. The default prior is sds3d's own learned prior of the synthetic world "
+            "(sds3d/world-prior-32, shipped in the package), so PROMPT must read "
             '"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}". '
-            "Learned and Stable Diffusion priors come in later releases."
+            "With --model (a diffusers folder or hub id) any text prompt goes to Stable Diffusion, "
+            "DeepFloyd IF or another diffusers U-Net pipeline; see `sds3d presets` for their recipes."
         ),
     )
     g.add_argument("prompt")
@@ -197,7 +198,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from sds3d.config import PRESET_NOTES, PRESETS
 
     for name, config in PRESETS.items():
-        print(f"{name:10s} {config.guidance.kind:10s} {config.steps:6d} steps  {PRESET_NOTES.get(name, '')}")
+        print(f"{name:15s} {config.guidance.kind:10s} {config.steps:6d} steps  {PRESET_NOTES.get(name, '')}")
     return 0
 
 

@@ -110,8 +110,9 @@ _EMPIRICAL = dataclasses.replace(
 
 # --- Stable Diffusion and DeepFloyd IF (GPU; weights by hub id, fetched once where the hub is reachable)
 # threestudio's dreamfusion-sd.yaml / dreamfusion-if.yaml in this codebase's units: guidance scale in
-# the diffusers convention s (threestudio's `guidance_scale` is the same s: ε_∅ + s(ε_y − ε_∅);
-# DreamFusion's paper writes ω = s − 1), t ~ U[0.02, 0.98], w = 1 − ᾱ_t, 64×64 renders, 10k steps,
+# the diffusers convention s, ε̂ = ε_∅ + s(ε_y − ε_∅). threestudio computes ε_y + g(ε_y − ε_∅), so its
+# `guidance_scale: 100` (SD) and `20` (IF) are s = 101 and 21 here (DreamFusion's ω = s − 1 = 100
+# and 20), t ~ U[0.02, 0.98], w = 1 − ᾱ_t, 64×64 renders, 10k steps,
 # orientation loss ramped 10 → 1000 over the first half, sparsity 1, a learned (environment-map)
 # background, DreamFusion's shading mix (albedo 0.2, textureless 0.5, lambertian 0.3). Cameras keep
 # this world's radius 2.5 and field of view 40° (threestudio: 1.5–2.0 and 40–70° for its radius-2 box).
@@ -126,7 +127,7 @@ _DREAMFUSION = dataclasses.replace(
     regularizers=RegularizerConfig(orientation=Ramp(10.0, 1000.0, 0.0, 0.5), sparsity=1.0),
     guidance=DiffusersGuidanceConfig(
         model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16",
-        sds=SDSConfig(guidance_scale=100.0, weighting="dreamfusion", t_min=0.02, t_max=0.98),
+        sds=SDSConfig(guidance_scale=101.0, weighting="dreamfusion", t_min=0.02, t_max=0.98),
     ),
 )  # fmt: skip
 
@@ -149,7 +150,7 @@ PRESETS: dict[str, RunConfig] = {
     "dreamfusion-if": dataclasses.replace(
         _DREAMFUSION, preset="dreamfusion-if",
         guidance=DiffusersGuidanceConfig(model="DeepFloyd/IF-I-XL-v1.0", dtype="bfloat16",
-                                         sds=SDSConfig(guidance_scale=20.0, t_min=0.02, t_max=0.98)),
+                                         sds=SDSConfig(guidance_scale=21.0, t_min=0.02, t_max=0.98)),
     ),
     # Ours: the dreamfusion-sd recipe in 3,000 steps with t_max annealed 0.98 → 0.5 (HiFA's sqrt
     # schedule), a compiled U-Net and VAE encoder, and no orientation loss (its normals need a second
@@ -160,7 +161,7 @@ PRESETS: dict[str, RunConfig] = {
         regularizers=RegularizerConfig(sparsity=1.0),
         guidance=DiffusersGuidanceConfig(
             model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,
-            sds=SDSConfig(guidance_scale=100.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
+            sds=SDSConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
         ),
     ),
 }  # fmt: skip
@@ -172,8 +173,8 @@ PRESET_NOTES: dict[str, str] = {
     "empirical": "the exact (empirical) denoiser of ground-truth renders: no learned weights, s=1, 32x32",
     "gaussian": "analytic Gaussian prior N(mean render, 0.5^2 I): a smoke test of the whole path",
     "literal": "the literal diffusion loss through the empirical denoiser (keeps the Jacobian SDS omits)",
-    "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=100, w=1-abar, 64x64, 10k steps (GPU)",
-    "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=20, 64x64, 10k steps (GPU)",
+    "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=101 (threestudio's 100), w=1-abar, 64x64, 10k steps (GPU)",
+    "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=21 (threestudio's 20), 64x64, 10k steps (GPU)",
     "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled U-Net and VAE (GPU)",
 }
 

@@ -92,7 +92,8 @@ def score_run(run_dir: Path, obj: WorldObject) -> dict:
     }  # fmt: skip
 
 
-def run_prompt(config: RunConfig, workdir: Path) -> dict:
+def run_prompt(config: RunConfig, workdir: Path, rows: list | None = None) -> dict:
+    """Train, export and score one prompt; with `rows`, append a labelled strip of turntable frames."""
     from sds3d.api import generate
 
     obj = parse_prompt(config.prompt)
@@ -101,8 +102,13 @@ def run_prompt(config: RunConfig, workdir: Path) -> dict:
     t0 = time.perf_counter()
     generate(config, workdir, progress=False)
     seconds = time.perf_counter() - t0
-    return {"prompt": config.prompt, "held_out": config.prompt in HELD_OUT, **score_run(workdir, obj),
-            "seconds": round(seconds, 1)}  # fmt: skip
+    row = {"prompt": config.prompt, "held_out": config.prompt in HELD_OUT, **score_run(workdir, obj),
+           "seconds": round(seconds, 1)}  # fmt: skip
+    if rows is not None:
+        from sds3d.bench.gallery import turntable_row
+
+        rows.append(turntable_row(workdir / "turntable.gif", f"{config.prompt}   IoU {row['iou']:.2f}"))
+    return row
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -121,27 +127,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} prompts: {', '.join(QUICK)}")
     parser.add_argument("--variants", default="full", help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, help="override the preset's steps (for smoke tests)")
+    parser.add_argument(
+        "--limit", type=int, help="only the first N prompts of the selection (for smoke tests)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--name", default="quality", help="report file name (without .md/.json)")
+    parser.add_argument(
+        "--image", type=Path, help="write turntable frames of the first variant's results here"
+    )
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     prompts = QUICK if args.quick else tuple(o.prompt for o in all_objects())
+    prompts = prompts[: args.limit] if args.limit else prompts
     base = preset("default")
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
     results: dict[str, list[dict]] = {}
+    strips: list[np.ndarray] = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             results[variant] = []
             for i, prompt in enumerate(prompts):
                 config = VARIANTS[variant](dataclasses.replace(base, prompt=prompt, seed=args.seed))
-                row = run_prompt(config, Path(tmp) / f"{variant}-{i}")
+                # The picture: the quick prompts (one per shape) of the first variant.
+                keep = (
+                    strips if args.image is not None and variant == variants[0] and prompt in QUICK else None
+                )
+                row = run_prompt(config, Path(tmp) / f"{variant}-{i}", keep)
                 results[variant].append(row)
                 print(f"[{variant} {i + 1}/{len(prompts)}] {row}", flush=True)
+    if args.image is not None and strips:
+        import imageio.v2 as imageio
+
+        args.image.parent.mkdir(parents=True, exist_ok=True)
+        imageio.imwrite(args.image, np.concatenate(strips, axis=0))
     command = "sds3d bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {variant: summarise(rows) for variant, rows in results.items()}
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),

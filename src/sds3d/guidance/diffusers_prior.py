@@ -16,6 +16,7 @@ converted, ε = √ᾱ_t v + √(1−ᾱ_t) x_t.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -133,9 +134,12 @@ class DiffusersGuidance(NoisePredictionGuidance):
         self.text_encoder: nn.Module | None = components["text_encoder"]
         self.unet = components["unet"]
         self.vae = components.get("vae")
-        for module in (self.text_encoder, self.unet, self.vae):
-            if module is not None:
-                module.to(dtype).eval().requires_grad_(False)  # frozen: SDS trains the scene, never the prior
+        with quiet_loading():
+            for module in (self.text_encoder, self.unet, self.vae):
+                if module is not None:
+                    module.to(dtype).eval().requires_grad_(
+                        False
+                    )  # frozen: SDS trains the scene, never the prior
         # Latent models: the render is resized to the VAE's input size (e.g. 512 for SD 1.5).
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.image_size = int(self.unet.config.sample_size) * self.vae_scale
@@ -230,9 +234,31 @@ class DiffusersGuidance(NoisePredictionGuidance):
         return out
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-file progress bars or advice (install accelerate, keep modules in fp32) from
+    diffusers and transformers while a model loads: the user's terminal shows sds3d's own lines."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        dlog.enable_progress_bar(), tlog.enable_progress_bar()
+
+
 def load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     """Scheduler config, tokenizer, text encoder, U-Net and (latent models) VAE of a diffusers
     folder or hub id, each with `from_pretrained` and the class its `model_index.json` names."""
+    with quiet_loading():
+        return _load_pipeline_components(model, dtype)
+
+
+def _load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     index = read_model_index(model)
     tok_lib, tok_cls = index.get("tokenizer", ["transformers", "AutoTokenizer"])
     enc_lib, enc_cls = index.get("text_encoder", ["transformers", "CLIPTextModel"])

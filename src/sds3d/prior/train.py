@@ -111,7 +111,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
                 "device": device, "compile": compile, "batch_size": config.batch_size}  # fmt: skip
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
-    running = torch.zeros((), device=device)
+    running, counted = torch.zeros((), device=device), 0
     while step < config.steps:
         if max_minutes is not None and time.perf_counter() - start_time > 60 * max_minutes:
             break
@@ -138,11 +138,14 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
         running += loss.detach()
+        counted += 1
         step += 1
         bar.update(1)
         if step % 100 == 0 or step == config.steps:
-            log.append({"step": step, "loss": float(running) / (100 if step % 100 == 0 else step % 100)})
+            # The mean over the steps summed since the last entry (fewer than 100 right after a resume).
+            log.append({"step": step, "loss": float(running) / counted})
             running.zero_()
+            counted = 0
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
         if step % config.checkpoint_every == 0:
             checkpoint()

@@ -1,0 +1,40 @@
+"""The 3D quality benchmark: its shape metric on exact meshes, and a short real run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import trimesh
+
+from sds3d.cli import main
+from sds3d.world.metrics import psnr, shape_ious
+
+
+def test_shape_ious_find_a_turned_cube_and_a_sphere():
+    box = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
+    box.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(30), [0, 0, 1]))
+    ious = shape_ious(np.asarray(box.vertices), np.asarray(box.faces))
+    assert max(ious, key=lambda k: ious[k]) == "cube" and ious["cube"] > 0.95  # 30° is in the 5° grid
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    ious = shape_ious(np.asarray(ball.vertices), np.asarray(ball.faces))
+    assert max(ious, key=lambda k: ious[k]) == "sphere" and ious["sphere"] > 0.9
+
+
+def test_psnr_of_known_errors():
+    a = np.zeros((4, 4, 3))
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)
+    assert psnr(a, a) == float("inf")
+
+
+def test_quick_quality_run_scores_a_real_mesh(tmp_path):
+    rc = main(["bench", "quality", "--quick", "--limit", "1", "--steps", "60", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "quality.json").read_text())
+    (row,) = report["results"]["full"]
+    assert row["prompt"] == "a blue torus" and row["faces"] > 100
+    assert 0.0 < row["iou"] <= 1.0 and 5.0 < row["psnr"] < 60.0
+    assert row["shape"] in ("sphere", "cube", "cylinder", "cone", "torus") and row["seconds"] > 0
+    assert report["summary"]["full"]["prompts"] == 1
+    assert "| a blue torus |" in (tmp_path / "quality.md").read_text()
