@@ -154,3 +154,17 @@ def tiny_sd_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_if_model(tmp_path_factory):
     return build_tiny_if_pipeline(tmp_path_factory.mktemp("tiny-if"))
+
+
+def tiny_diffusers_run(model, size: int, steps: int):
+    """The fast preset shrunk to seconds (size² renders, 8 samples) with a local diffusers model."""
+    import dataclasses
+
+    from sds3d.config import preset
+    from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+
+    config = preset("fast")
+    config.camera.width = config.camera.height = size
+    config.renderer.num_samples = 8
+    return dataclasses.replace(config, prompt="a red cube", steps=steps, validate_every=0,
+                               guidance=DiffusersGuidanceConfig(model=str(model)))  # fmt: skip

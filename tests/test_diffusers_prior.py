@@ -3,14 +3,12 @@ from_pretrained path as a hub model."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from conftest import tiny_diffusers_run
 from sds3d.cameras import CameraConfig, sample_cameras
-from sds3d.config import preset
 from sds3d.errors import UserError
 from sds3d.guidance.base import SDSConfig
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
@@ -71,11 +69,7 @@ def test_sds_gradient_equals_an_independent_diffusers_computation(tiny_pixel_mod
 
 
 def test_sds_steps_train_a_nerf_and_leave_the_prior_untouched(tiny_pixel_model, tmp_path):
-    config = preset("fast")
-    config.camera.width = config.camera.height = 8
-    config.renderer.num_samples = 8
-    config = dataclasses.replace(config, prompt="a red cube", steps=3, validate_every=0,
-                                 guidance=DiffusersGuidanceConfig(model=str(tiny_pixel_model)))  # fmt: skip
+    config = tiny_diffusers_run(tiny_pixel_model, size=8, steps=3)
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())

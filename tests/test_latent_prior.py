@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from conftest import tiny_diffusers_run
 from sds3d.cameras import CameraConfig, sample_cameras
 from sds3d.config import preset
 from sds3d.guidance.base import SDSConfig
@@ -60,11 +61,7 @@ def test_latent_sds_gradient_equals_an_independent_diffusers_computation(tiny_sd
 
 
 def test_latent_sds_trains_a_nerf_through_the_vae_and_leaves_the_prior_untouched(tiny_sd_model, tmp_path):
-    config = preset("fast")
-    config.camera.width = config.camera.height = 16
-    config.renderer.num_samples = 8
-    config = dataclasses.replace(config, prompt="a red cube", steps=3, validate_every=0,
-                                 guidance=DiffusersGuidanceConfig(model=str(tiny_sd_model)))  # fmt: skip
+    config = tiny_diffusers_run(tiny_sd_model, size=16, steps=3)
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
@@ -129,11 +126,7 @@ def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
     assert emb.shape == (guidance.tokenizer.model_max_length, 24)
     eps = guidance.predict_noise(torch.randn(2, 3, 8, 8), torch.tensor([5, 500]), [emb, emb], None)
     assert eps.shape == (2, 3, 8, 8)  # the variance half (channels 3–5) is dropped
-    config = preset("fast")
-    config.camera.width = config.camera.height = 8
-    config.renderer.num_samples = 8
-    config = dataclasses.replace(config, prompt="a red cube", steps=2, validate_every=0,
-                                 guidance=DiffusersGuidanceConfig(model=str(tiny_if_model)))  # fmt: skip
+    config = tiny_diffusers_run(tiny_if_model, size=8, steps=2)
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 2 and out.final_losses["grad_norm"] > 0
 

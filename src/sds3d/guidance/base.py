@@ -102,13 +102,11 @@ class NoisePredictionGuidance(nn.Module):
         bounds = diffusion.timestep_bounds(
             sds.t_schedule, step_ratio, sds.t_min, sds.t_max, sds.t_max_end, sds.t_drop_at
         )
-        if x.device.type == "cpu":
-            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, generator)
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
-        else:  # drawn on the device from a seed of the run's generator: no host-to-device copy, no sync
-            g = device_generator(generator, x.device)
-            t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, g, x.device)
-            noise = torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device)
+        # On a GPU drawn there from a seed of the run's generator (no host copy, no sync); the run's
+        # generator itself on the CPU.
+        g = device_generator(generator, x.device)
+        t = diffusion.sample_timesteps(b, bounds, self.num_train_timesteps, g, x.device)
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device).to(x)
         abar_t = self.alphas_cumprod[t]
         literal = sds.mode == "literal"
         # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1).
