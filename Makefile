@@ -35,7 +35,13 @@ bench: $(STAMP)
 # GPU benchmarks (an NVIDIA GPU; random-weight SD architectures, nothing downloaded).
 bench-gpu: $(STAMP)
 	$(PY) -m sds3d.cli bench speed --arch sd15,sd21,builtin --steps 30 --warmup 10 --out benchmarks --name speed_eager
-	$(PY) -m sds3d.cli bench speed --arch sd15,sd21,builtin --compile --steps 30 --warmup 15 --out benchmarks --name speed_compile
+	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --steps 30 --warmup 15 --out benchmarks --name speed_compile
+	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --compile-mode reduce-overhead --steps 30 --warmup 15 \
+		--out benchmarks --name speed_compile_unet_graphs
+	$(PY) -m sds3d.cli bench speed --arch sd15,sd21 --compile --compile-mode reduce-overhead --nerf-compile \
+		--steps 30 --warmup 15 --out benchmarks --name speed_compile_graphs
+	$(PY) -m sds3d.cli bench speed --arch builtin --compile --compile-mode reduce-overhead --nerf-compile \
+		--steps 30 --warmup 15 --out benchmarks --name speed_builtin_graphs
 
 gallery: $(STAMP)
 	$(PY) -m sds3d.cli bench quality --quick --name quality_quick --image docs/gallery.png --out benchmarks

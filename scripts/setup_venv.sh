@@ -26,7 +26,9 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found, installing the CUDA build of torch"
     "$VPY" -m pip install "torch>=2.1"
-  elif "$VPY" -m pip install --no-index "torch==2.13.0" 2>/dev/null; then
+  elif "$VPY" -m pip install --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+    # The local wheel alone first (so no index can swap in a CUDA build), then its dependencies.
+    "$VPY" -m pip install "torch==2.13.0"
     echo "setup: installed the local CPU build of torch"
   else
     echo "setup: no GPU, installing the CPU build of torch from PyTorch's CPU index"

@@ -133,3 +133,70 @@ def test_inference_rendering_in_chunks_matches_the_autograd_path():
         volume.INFERENCE_CHUNK = old
     assert torch.allclose(with_grad.rgb.detach(), chunked.rgb, atol=1e-5)
     assert torch.allclose(with_grad.normal.detach(), chunked.normal, atol=1e-5)
+
+
+def _blob_only_nerf(**kwargs):
+    """A NeRF whose MLP outputs zero: τ = softplus(blob(x)), so −∇τ/‖∇τ‖ = x/‖x‖ exactly."""
+    from sds3d.representations.nerf import HashGridNeRFConfig
+
+    nerf = HashGridNeRFConfig(grid=HashGridConfig(num_levels=4, max_resolution=32), **kwargs).build()
+    with torch.no_grad():
+        nerf.mlp[-1].weight.zero_()
+        nerf.mlp[-1].bias.zero_()
+    return nerf
+
+
+@pytest.mark.parametrize(
+    "normal_type, atol", [("analytic", 1e-5), ("finite_difference", 1e-3), ("forward_difference", 0.03)]
+)
+def test_normals_of_the_density_blob_point_radially_outward(normal_type, atol):
+    points = torch.tensor([[0.3, 0.0, 0.0], [0.0, -0.2, 0.1], [0.1, 0.2, -0.25], [-0.4, 0.1, 0.3]])
+    _, n = _blob_only_nerf(normal_type=normal_type).normals(points, create_graph=False)
+    expected = points / points.norm(dim=-1, keepdim=True)
+    assert torch.allclose(n.detach(), expected, atol=atol)
+    if normal_type == "forward_difference":  # O(ε): not as close as the central difference
+        assert not torch.allclose(n.detach(), expected, atol=1e-4)
+
+
+def test_finite_difference_normals_train_the_hash_grid_without_a_second_backward():
+    """Shading losses reach the grid through the 6 neighbour queries (first-order autograd)."""
+    from sds3d.representations.nerf import HashGridNeRFConfig
+
+    torch.manual_seed(0)
+    grid = HashGridConfig(num_levels=4, max_resolution=32)
+    nerf = HashGridNeRFConfig(grid=grid, normal_type="finite_difference").build()
+    points = torch.rand(256, 3) - 0.5
+    _, n = nerf.normals(points, create_graph=False)
+    (grad,) = torch.autograd.grad(n[:, 0].sum(), nerf.encoding.tables)
+    assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("normal_type", ["finite_difference", "forward_difference"])
+def test_compiled_nerf_matches_the_eager_one_in_values_and_gradients(normal_type):
+    """The compiled field query (the GPU fast path) against its eager twin, on the CPU."""
+    import dataclasses
+
+    from sds3d.representations.nerf import HashGridNeRFConfig
+
+    torch.manual_seed(0)
+    config = HashGridNeRFConfig(
+        grid=HashGridConfig(num_levels=4, max_resolution=32), normal_type="finite_difference"
+    )
+    eager = config.build()
+    compiled = dataclasses.replace(config, compile=True).build()
+    compiled.load_state_dict(eager.state_dict())
+    points = torch.rand(2048, 3) * 1.6 - 0.8
+    probe = torch.randn(2048, 3)
+    grads = []
+    for nerf in (eager, compiled):
+        field, n = nerf.normals(points, create_graph=True)
+        loss = field.density.sum() + (field.albedo * probe).sum() + (n * probe).sum()
+        grads.append(torch.autograd.grad(loss, [nerf.encoding.tables, nerf.mlp[0].weight]))
+        if nerf is eager:
+            reference = (field.density.detach(), n.detach())
+    assert torch.allclose(field.density.detach(), reference[0], atol=1e-5)
+    assert torch.allclose(n.detach(), reference[1], atol=1e-4)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="finite_difference"):
+        dataclasses.replace(config, normal_type="analytic", compile=True).build()

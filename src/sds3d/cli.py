@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
+    pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
+    pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
     b = sub.add_parser(
         "bench", help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor)"
     )
@@ -210,10 +212,21 @@ def cmd_prior(args: argparse.Namespace) -> int:
         config.steps = args.steps
     if args.batch_size is not None:
         config.batch_size = args.batch_size
+    if args.lr is not None:
+        config.lr = args.lr
+    if args.init is not None and not (args.init / "unet").is_dir():
+        raise UserError(f"--init {args.init} is not a diffusers folder of the prior (no unet/)")
     if (args.out / "checkpoint.pt").exists() and not args.resume:
         raise UserError(f"{args.out} already has a checkpoint; pass --resume to continue it")
     summary = train_prior(
-        config, args.out, args.device, args.resume, args.max_minutes, not args.no_progress, args.compile
+        config,
+        args.out,
+        args.device,
+        args.resume,
+        args.max_minutes,
+        not args.no_progress,
+        args.compile,
+        args.init,
     )
     print(f"sds3d: prior at step {summary['steps']}/{config.steps}; pipeline in {args.out / 'pipeline'}")
     return 0

@@ -153,14 +153,16 @@ PRESETS: dict[str, RunConfig] = {
                                          sds=SDSConfig(guidance_scale=21.0, t_min=0.02, t_max=0.98)),
     ),
     # Ours: the dreamfusion-sd recipe in 3,000 steps with t_max annealed 0.98 → 0.5 (HiFA's sqrt
-    # schedule), a compiled U-Net and VAE encoder, and no orientation loss (its normals need a second
-    # backward through the NeRF). Speed is measured (benchmarks/speed_*.md); quality is not measured
-    # here, where no Stable Diffusion weights can be downloaded.
+    # schedule); U-Net and VAE encoder compiled and replayed as CUDA graphs; the NeRF's field query
+    # compiled, with forward-difference normals (no second backward); no orientation loss. Speed is
+    # measured (benchmarks/speed_*.md); quality is not, here, where no SD weights can be downloaded.
     "fast-sd": dataclasses.replace(
         _DREAMFUSION, preset="fast-sd", steps=3000, validate_every=500, checkpoint_every=500,
+        nerf=dataclasses.replace(_DREAMFUSION.nerf, compile=True, normal_type="forward_difference"),
         regularizers=RegularizerConfig(sparsity=1.0),
         guidance=DiffusersGuidanceConfig(
             model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,
+            compile_mode="reduce-overhead",
             sds=SDSConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
         ),
     ),
@@ -175,7 +177,7 @@ PRESET_NOTES: dict[str, str] = {
     "literal": "the literal diffusion loss through the empirical denoiser (keeps the Jacobian SDS omits)",
     "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=101 (threestudio's 100), w=1-abar, 64x64, 10k steps (GPU)",
     "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=21 (threestudio's 20), 64x64, 10k steps (GPU)",
-    "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled U-Net and VAE (GPU)",
+    "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled + CUDA graphs (GPU)",
 }
 
 

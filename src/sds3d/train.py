@@ -78,8 +78,9 @@ def build_optimizer(config: RunConfig, scene: Scene) -> torch.optim.Optimizer:
     rest = [p for n, p in scene.named_parameters() if n != "nerf.encoding.tables"]
     o = config.optim
     return torch.optim.Adam(
-        [{"params": grid, "lr": o.lr_grid}, {"params": rest, "lr": o.lr_mlp}], betas=o.betas, eps=o.eps
-    )
+        [{"params": grid, "lr": o.lr_grid}, {"params": rest, "lr": o.lr_mlp}], betas=o.betas, eps=o.eps,
+        fused=config.device.startswith("cuda"),  # one kernel for the whole update
+    )  # fmt: skip
 
 
 def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, int]:
@@ -202,6 +203,8 @@ def train(
             if stop.requested:
                 break
             step_ratio = step / config.steps
+            if not cpu:  # a new step for CUDA-graph replays (torch.compile mode="reduce-overhead")
+                torch.compiler.cudagraph_mark_step_begin()
             # 1. Cameras, shading and light.
             cameras = sample_cameras(config.camera, generator)
             shading = choose_shading(config.renderer, generator)

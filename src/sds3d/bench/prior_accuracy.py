@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from sds3d.bench.report import describe_machine, write_report
-from sds3d.cameras import CameraConfig
+from sds3d.cameras import CameraConfig, sample_cameras
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.classifier import ClassifierConfig, predict, train_classifier
-from sds3d.prior.data import HELD_OUT
+from sds3d.prior.data import HELD_OUT, PriorDataConfig
 from sds3d.prior.model import SHIPPED_PRIOR
 from sds3d.prior.sample import image_grid, sample_images
 from sds3d.world import all_objects
@@ -37,13 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--camera", action="store_true", help="condition each sample on a random camera of the training range"
+    )
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    classifier, judge = train_classifier(ClassifierConfig())
-    guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig())
+    classifier, judge = train_classifier(ClassifierConfig(), args.device)
+    guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig()).to(args.device)
     objects = [o for o in all_objects() for _ in range(args.samples)]
-    images = sample_images(guidance, [o.prompt for o in objects], args.guidance_scale, args.steps)
-    shapes, colors = predict(classifier, images)
+    cameras = None
+    if args.camera:
+        g = torch.Generator().manual_seed(1)
+        cameras = sample_cameras(PriorDataConfig().camera, g, batch_size=len(objects)).to(args.device)
+    images = sample_images(
+        guidance, [o.prompt for o in objects], args.guidance_scale, args.steps, cameras=cameras
+    )
+    shapes, colors = predict(classifier, images.to(args.device))
     rows = []
     for held_out in (False, True):
         pick = [i for i, o in enumerate(objects) if (o.prompt in HELD_OUT) == held_out]
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     imageio.imwrite(args.out / "prior_samples.png", image_grid(images, 4 * args.samples))
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-              "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps,
+              "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "camera": args.camera,
               "judge_on_ground_truth": judge, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     lines = [
         "# Prior accuracy: samples of every world prompt judged by an attribute classifier",
@@ -64,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{result['command']}` ({result['date']}), model `{args.model}`  ",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}",
         "",
-        f"DDIM {args.steps} steps, CFG s = {args.guidance_scale} (diffusers convention), no camera, "
+        f"DDIM {args.steps} steps, CFG s = {args.guidance_scale} (diffusers convention), "
+        f"{'a random camera of the training range per sample' if args.camera else 'no camera'}, "
         f"{args.samples} samples per prompt. The judge (a CNN trained on ground-truth renders of all 30 objects) "
         f"scores {judge['shape_accuracy']:.1%} shape and {judge['color_accuracy']:.1%} colour on fresh ground-truth renders.",
         "",

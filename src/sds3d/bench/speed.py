@@ -125,30 +125,44 @@ def median_ms(fn: Callable[[], Any], clock: Clock, warmup: int, iters: int) -> f
     return statistics.median(clock.ms(a, b) for a, b in zip(marks, marks[1:], strict=False))
 
 
-def run_config(arch: str, device: str, compile: bool, dtype: str) -> RunConfig:
+def run_config(
+    arch: str,
+    device: str,
+    compile: bool,
+    dtype: str,
+    compile_mode: str = "default",
+    nerf_compile: bool = False,
+) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
     else:
         config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
-    guidance = dataclasses.replace(config.guidance, compile=compile, dtype=dtype)
+    guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
+    # The NeRF eager with autograd normals (DreamFusion's), or compiled with forward-difference normals.
+    nerf = dataclasses.replace(
+        config.nerf, compile=nerf_compile, normal_type="forward_difference" if nerf_compile else "analytic"
+    )
     return dataclasses.replace(
-        config, device=device, guidance=guidance, validate_every=0, checkpoint_every=10**9
+        config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9
     )
 
 
-def measure(arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+def measure(
+    arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
+    compile_mode: str = "default", nerf_compile: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
-    config = run_config(arch, device, compile, dtype)
+    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if arch == "builtin":
-            guidance = DiffusersGuidanceConfig(model=BUILTIN_PRIOR, compile=compile, dtype=dtype).build(
-                config.camera
-            )
+            guidance = DiffusersGuidanceConfig(
+                model=BUILTIN_PRIOR, compile=compile, compile_mode=compile_mode, dtype=dtype
+            ).build(config.camera)
         else:
             assert isinstance(config.guidance, DiffusersGuidanceConfig)
             guidance = DiffusersGuidance(config.guidance, build_components(arch, Path(tmp) / "tokenizer"))
@@ -215,7 +229,8 @@ def measure(arch: str, device: str, compile: bool, dtype: str, steps: int, warmu
     phase_ms = {name: statistics.median(v) for name, v in inside.items()}
     phase_ms["rest"] = step - sum(phase_ms.values())
     return {
-        "arch": arch, "device": device, "compile": compile, "dtype": dtype, "preset": config.preset,
+        "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
+        "nerf_compile": nerf_compile, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -232,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE encoder")
     parser.add_argument(
+        "--compile-mode", default="default", help="torch.compile mode; reduce-overhead = CUDA graphs"
+    )
+    parser.add_argument(
+        "--nerf-compile", action="store_true",
+        help="also torch.compile the NeRF's field query (with forward-difference normals)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
     parser.add_argument("--steps", type=int, default=50, help="timed steps (after --warmup)")
@@ -246,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     rows = []
     for arch in archs:
-        rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup))
+        rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
+                            args.compile_mode, args.nerf_compile))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "results": rows}  # fmt: skip
     m = report["machine"]
-    mode = "torch.compile" if args.compile else "eager"
+    mode = f"torch.compile, mode {args.compile_mode}" if args.compile else "eager"
+    mode += ", NeRF compiled with forward-difference normals" if args.nerf_compile else ""
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",

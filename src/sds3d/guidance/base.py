@@ -61,6 +61,7 @@ class NoisePredictionGuidance(nn.Module):
     def __init__(self, sds: SDSConfig, scheduler_config: dict):
         super().__init__()
         self.sds = sds
+        self.scheduler_config = dict(scheduler_config)  # for samplers (prior/sample.py)
         self.register_buffer(
             "alphas_cumprod", diffusion.alphas_cumprod_from_config(scheduler_config), persistent=False
         )

@@ -53,6 +53,8 @@ class DiffusersGuidanceConfig:
     # False gives it the "no camera" label it was trained with for dropped cameras.
     camera_condition: bool = True
     compile: bool = False  # torch.compile the U-Net and the VAE encoder (GPU)
+    # torch.compile's mode: "reduce-overhead" replays them as CUDA graphs (no per-kernel launches).
+    compile_mode: str = "default"
     channels_last: bool = False
     kind: Literal["diffusers"] = "diffusers"
 
@@ -148,14 +150,11 @@ class DiffusersGuidance(NoisePredictionGuidance):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
         # Compiled callables beside the modules (state dicts and configs stay the plain modules').
-        self._unet = torch.compile(self.unet) if config.compile else self.unet
-        self._vae_encode = (
-            None
-            if self.vae is None
-            else torch.compile(self.vae.encode)
-            if config.compile
-            else self.vae.encode
+        compile = (
+            (lambda fn: torch.compile(fn, mode=config.compile_mode)) if config.compile else (lambda fn: fn)
         )
+        self._unet = compile(self.unet)
+        self._vae_encode = None if self.vae is None else compile(self.vae.encode)
 
     def _check_builtin_vocabulary(self, text: str) -> None:
         """The built-in prior's tokenizer spells unknown words letter by letter; say so instead."""

@@ -57,22 +57,27 @@ def _labels(dataset: PriorDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return shape, color
 
 
-def train_classifier(config: ClassifierConfig) -> tuple[AttributeClassifier, dict[str, float]]:
+def train_classifier(
+    config: ClassifierConfig, device: str = "cpu"
+) -> tuple[AttributeClassifier, dict[str, float]]:
     """Train on renders of all 30 objects; report accuracy on a fresh set of renders."""
     torch.manual_seed(config.seed)
-    train_set = render_dataset(config.data, all_objects())
+    train_set = render_dataset(config.data, all_objects(), device)
     test_set = render_dataset(
         PriorDataConfig(**{**config.data.__dict__, "seed": config.seed + 1, "views_per_object": 20}),
-        all_objects(),
-    )
+        all_objects(), device,
+    )  # fmt: skip
     shape, color = _labels(train_set)
-    model = AttributeClassifier()
+    images = train_set.images.to(device)
+    shape, color = shape.to(device), color.to(device)
+    model = AttributeClassifier().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     g = torch.Generator().manual_seed(config.seed)
     n = len(train_set)
     for _ in range(config.epochs):
         for idx in torch.randperm(n, generator=g).split(config.batch_size):
-            s_logits, c_logits = model(train_set.images[idx])
+            idx = idx.to(device)
+            s_logits, c_logits = model(images[idx])
             loss = F.cross_entropy(s_logits, shape[idx]) + F.cross_entropy(c_logits, color[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -91,8 +96,9 @@ def predict(model: AttributeClassifier, images: torch.Tensor) -> tuple[list[str]
 
 @torch.no_grad()
 def evaluate(model: AttributeClassifier, dataset: PriorDataset) -> dict[str, float]:
-    shape, color = _labels(dataset)
-    s_logits, c_logits = model(dataset.images)
+    device = next(model.parameters()).device
+    shape, color = (x.to(device) for x in _labels(dataset))
+    s_logits, c_logits = model(dataset.images.to(device))
     return {
         "shape_accuracy": float((s_logits.argmax(1) == shape).float().mean()),
         "color_accuracy": float((c_logits.argmax(1) == color).float().mean()),

@@ -17,7 +17,7 @@ def sample_images(
     """[N, 3, R, R] in [0, 1], one image per prompt."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(guidance.config_scheduler)
+    scheduler = DDIMScheduler.from_config(guidance.scheduler_config)
     scheduler.set_timesteps(steps)
     res = int(guidance.unet.config.sample_size)
     device = next(guidance.unet.parameters()).device

@@ -5,7 +5,11 @@
   blob(x) = scale·(1 − ‖x‖/std) (threestudio `blob_magic3d`, scale 10, std 0.5), so training starts
   from a soft ball at the origin rather than from nothing.
 - Albedo: sigmoid of the MLP's colour head, in [0, 1].
-- Normals: n = −∇τ/‖∇τ‖, by autograd of the density (DreamFusion), only when shading needs them.
+- Normals: n = −∇τ/‖∇τ‖, only when shading needs them: by autograd of the density (`analytic`,
+  DreamFusion; shading losses then need a second backward), or by differences of τ with step ε,
+  central (`finite_difference`, threestudio's: six more queries) or forward (`forward_difference`:
+  three more, O(ε) error). Differences need first-order autograd only, so the whole field query
+  can be compiled.
 - Background: `BackgroundConfig`: solid colour, a random solid colour per image, or a small MLP of
   the view direction (learned).
 """
@@ -30,8 +34,15 @@ class HashGridNeRFConfig:
     hidden_dim: int = 32
     blob_scale: float = 10.0
     blob_std: float = 0.5
+    normal_type: Literal["analytic", "finite_difference", "forward_difference"] = "analytic"
+    finite_difference_eps: float = 0.01  # threestudio's finite_difference_normal_eps
+    # torch.compile the field query (hash grid + MLP, with finite-difference normals): fused kernels
+    # on a GPU. Needs normal_type="finite_difference" (compiled functions have no double backward).
+    compile: bool = False
 
     def build(self) -> HashGridNeRF:
+        if self.compile and self.normal_type == "analytic":
+            raise ValueError("a compiled NeRF needs normal_type='finite_difference' or 'forward_difference'")
         return HashGridNeRF(self)
 
 
@@ -51,23 +62,48 @@ class HashGridNeRF(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(config.hidden_dim, 4),  # raw density, raw albedo (3)
         )
+        # Compiled callables beside the module (the state dict stays the plain module's).
+        compile = torch.compile if config.compile else (lambda fn: fn)
+        self._query = compile(self._field)
+        self._query_fd = compile(self._field_and_fd_normals)
 
     def density_blob(self, points: torch.Tensor) -> torch.Tensor:  # [N, 3] -> [N]
         return self.config.blob_scale * (1 - points.norm(dim=-1) / self.config.blob_std)
 
-    def forward(self, points: torch.Tensor) -> DensityAlbedo:  # points [N, 3] in world units
+    def _field(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bound = self.config.bound
         unit = (points + bound) / (2 * bound)
         inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
         raw = self.mlp(self.encoding(unit))
         density = F.softplus(raw[:, 0] + self.density_blob(points)) * inside
-        return DensityAlbedo(density=density, albedo=torch.sigmoid(raw[:, 1:]))
+        return density, torch.sigmoid(raw[:, 1:])
+
+    def _field_and_fd_normals(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One query of the N points and their neighbours x ± ε·e_i (central) or x + ε·e_i (forward):
+        density, albedo, normals."""
+        n, eps = points.shape[0], self.config.finite_difference_eps
+        steps = eps * torch.eye(3, device=points.device, dtype=points.dtype)
+        central = self.config.normal_type == "finite_difference"
+        offsets = torch.cat([steps, -steps]) if central else steps
+        neighbours = points[None] + offsets[:, None]  # [6 or 3, N, 3]
+        density, albedo = self._field(torch.cat([points, neighbours.reshape(-1, 3)]))
+        d = density[n:].reshape(-1, n)
+        grad = ((d[:3] - d[3:]) / (2 * eps) if central else (d - density[:n]) / eps).T  # [N, 3]
+        return density[:n], albedo[:n], -F.normalize(grad, dim=-1, eps=1e-6)
+
+    def forward(self, points: torch.Tensor) -> DensityAlbedo:  # points [N, 3] in world units
+        density, albedo = self._query(points)
+        return DensityAlbedo(density=density, albedo=albedo)
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points).density
 
     def normals(self, points: torch.Tensor, create_graph: bool) -> tuple[DensityAlbedo, torch.Tensor]:
-        """Density, albedo and n = −∇τ/‖∇τ‖ [N, 3]; `create_graph` lets losses on n train τ."""
+        """Density, albedo and n = −∇τ/‖∇τ‖ [N, 3]. Analytic normals: `create_graph` lets losses
+        on n train τ. Finite-difference normals always carry their (first-order) graph."""
+        if self.config.normal_type != "analytic":
+            density, albedo, normals = self._query_fd(points)
+            return DensityAlbedo(density=density, albedo=albedo), normals
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
             out = self.forward(points)
