@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m sds3d.cli bench quality --quick --variants full,no-camera,no-view-prompts,neither \
 		--name quality_ablation --image docs/gallery.png --out benchmarks
 	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks
+	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks --camera --name prior_accuracy_camera
 	$(PY) -m sds3d.bench.gallery --out benchmarks
 
 # GPU benchmarks (an NVIDIA GPU; random-weight SD architectures, nothing downloaded).
@@ -38,8 +39,10 @@ bench-gpu: $(STAMP)
 	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --steps 30 --warmup 15 --out benchmarks --name speed_compile
 	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --compile-mode reduce-overhead --steps 30 --warmup 15 \
 		--out benchmarks --name speed_compile_unet_graphs
+	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --compile-mode reduce-overhead --nerf-compile \
+		--steps 30 --warmup 15 --out benchmarks --name speed_compile_graphs_fd
 	$(PY) -m sds3d.cli bench speed --arch sd15,sd21 --compile --compile-mode reduce-overhead --nerf-compile \
-		--steps 30 --warmup 15 --out benchmarks --name speed_compile_graphs
+		--normals closed_form --steps 30 --warmup 15 --out benchmarks --name speed_compile_graphs_closed
 	$(PY) -m sds3d.cli bench speed --arch builtin --compile --compile-mode reduce-overhead --nerf-compile \
 		--steps 30 --warmup 15 --out benchmarks --name speed_builtin_graphs
 

@@ -154,11 +154,11 @@ PRESETS: dict[str, RunConfig] = {
     ),
     # Ours: the dreamfusion-sd recipe in 3,000 steps with t_max annealed 0.98 → 0.5 (HiFA's sqrt
     # schedule); U-Net and VAE encoder compiled and replayed as CUDA graphs; the NeRF's field query
-    # compiled, with forward-difference normals (no second backward); no orientation loss. Speed is
+    # compiled, with closed-form normals (exact, no second backward); no orientation loss. Speed is
     # measured (benchmarks/speed_*.md); quality is not, here, where no SD weights can be downloaded.
     "fast-sd": dataclasses.replace(
         _DREAMFUSION, preset="fast-sd", steps=3000, validate_every=500, checkpoint_every=500,
-        nerf=dataclasses.replace(_DREAMFUSION.nerf, compile=True, normal_type="forward_difference"),
+        nerf=dataclasses.replace(_DREAMFUSION.nerf, compile=True, normal_type="closed_form"),
         regularizers=RegularizerConfig(sparsity=1.0),
         guidance=DiffusersGuidanceConfig(
             model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "--camera", action="store_true", help="condition each sample on a random camera of the training range"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="prior_accuracy", help="report name (samples: <name>_samples.png)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     classifier, judge = train_classifier(ClassifierConfig(), args.device)
@@ -52,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.camera:
         g = torch.Generator().manual_seed(1)
         cameras = sample_cameras(PriorDataConfig().camera, g, batch_size=len(objects)).to(args.device)
-    images = sample_images(
-        guidance, [o.prompt for o in objects], args.guidance_scale, args.steps, cameras=cameras
-    )
+    prompts = [o.prompt for o in objects]
+    images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras)
     shapes, colors = predict(classifier, images.to(args.device))
     rows = []
     for held_out in (False, True):
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             "color_accuracy": sum(colors[i] == objects[i].color for i in pick) / len(pick),
         })  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    imageio.imwrite(args.out / "prior_samples.png", image_grid(images, 4 * args.samples))
+    samples = args.out / (
+        "prior_samples.png" if args.name == "prior_accuracy" else f"{args.name}_samples.png"
+    )
+    imageio.imwrite(samples, image_grid(images, 4 * args.samples))
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "camera": args.camera,
@@ -88,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
         "",
-        f"Target ≥ 95%. Samples: `{args.out / 'prior_samples.png'}` (rows of {4 * args.samples}: one prompt per "
+        f"Target ≥ 95%. Samples: `{samples}` (rows of {4 * args.samples}: one prompt per "
         f"{args.samples} columns). {result['seconds']} s in all.",
     ]
-    write_report(args.out, "prior_accuracy", result, lines)
+    write_report(args.out, args.name, result, lines)
     return 0
 
 

@@ -132,6 +132,7 @@ def run_config(
     dtype: str,
     compile_mode: str = "default",
     nerf_compile: bool = False,
+    normals: str | None = None,
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
@@ -139,10 +140,10 @@ def run_config(
         config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
     guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
-    # The NeRF eager with autograd normals (DreamFusion's), or compiled with forward-difference normals.
-    nerf = dataclasses.replace(
-        config.nerf, compile=nerf_compile, normal_type="forward_difference" if nerf_compile else "analytic"
-    )
+    # The NeRF eager with autograd normals (DreamFusion's) unless told otherwise; compiled, it needs
+    # normals without a second backward (forward differences unless told otherwise).
+    normals = normals or ("forward_difference" if nerf_compile else "analytic")
+    nerf = dataclasses.replace(config.nerf, compile=nerf_compile, normal_type=normals)  # type: ignore[arg-type]
     return dataclasses.replace(
         config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9
     )
@@ -150,13 +151,13 @@ def run_config(
 
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
-    compile_mode: str = "default", nerf_compile: bool = False,
+    compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
-    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile)
+    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile, normals)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if arch == "builtin":
@@ -251,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--nerf-compile", action="store_true",
-        help="also torch.compile the NeRF's field query (with forward-difference normals)",
+        help="also torch.compile the NeRF's field query (with forward-difference normals unless --normals)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--normals", choices=["analytic", "finite_difference", "forward_difference", "closed_form"],
+        help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
@@ -269,14 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                            args.compile_mode, args.nerf_compile))  # fmt: skip
+                            args.compile_mode, args.nerf_compile, args.normals))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "results": rows}  # fmt: skip
     m = report["machine"]
     mode = f"torch.compile, mode {args.compile_mode}" if args.compile else "eager"
-    mode += ", NeRF compiled with forward-difference normals" if args.nerf_compile else ""
+    normals = args.normals or ("forward_difference" if args.nerf_compile else "analytic")
+    mode += (", NeRF compiled" if args.nerf_compile else "") + f", {normals.replace('_', '-')} normals"
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",

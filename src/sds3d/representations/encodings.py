@@ -88,6 +88,25 @@ class HashGrid(nn.Module):
         return self.config.num_levels * self.config.features_per_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3] in [0, 1] -> [N, L·F]
+        w, _, feats = self._corners(x, spatial_gradient=False)
+        # Σ_c w·f as a broadcast product: an einsum here becomes N·L tiny fp32 matmuls on a GPU.
+        return (w[..., None] * feats).sum(dim=2).reshape(x.shape[0], -1)
+
+    def forward_with_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [N, L·F] and their derivative with respect to x, [N, L·F, 3], in closed form
+        from the same corner lookups (tiny-cuda-nn's dy/dx): ∂(Σ_c w_c f_c)/∂x = Σ_c (∂w_c/∂x) f_c."""
+        w, dw, feats = self._corners(x, spatial_gradient=True)
+        assert dw is not None
+        n = x.shape[0]
+        features = (w[..., None] * feats).sum(dim=2).reshape(n, -1)
+        d_features = (dw[:, :, :, None, :] * feats[..., None]).sum(dim=2).reshape(n, -1, 3)
+        return features, d_features
+
+    def _corners(
+        self, x: torch.Tensor, spatial_gradient: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Trilinear weights w [N, L, 8], optionally ∂w/∂x [N, L, 8, 3], and the 8 corner features
+        [N, L, 8, F] of every level."""
         n, num_levels = x.shape[0], len(self.resolutions)
         scaled = x.clamp(0.0, 1.0)[:, None, :] * self._resolutions[None, :, None]  # [N, L, 3]
         base = scaled.floor()
@@ -116,5 +135,18 @@ class HashGrid(nn.Module):
             index[:, level] = idx.reshape(n, 8) + level * self.table_size
         # index_select: its backward (index_add_) is deterministic on the CPU, unlike indexing.
         feats = self.tables.index_select(0, index.reshape(-1)).reshape(n, num_levels, 8, -1)  # [N, L, 8, F]
-        # Σ_c w·f as a broadcast product: an einsum here becomes N·L tiny fp32 matmuls on a GPU.
-        return (w[..., None] * feats).sum(dim=2).reshape(n, -1)
+        dw = None
+        if spatial_gradient:
+            # ∂/∂x_a of the axis-a factor is ∓N_l (its two corners), the other two factors stay.
+            slope = (
+                torch.tensor([-1.0, 1.0], device=x.device, dtype=x.dtype)[None, :]
+                * self._resolutions[:, None]
+            )
+            ax, ay, az = axis_w[:, :, 0], axis_w[:, :, 1], axis_w[:, :, 2]  # [N, L, 2]
+            dx = az[:, :, :, None, None] * ay[:, :, None, :, None] * slope[None, :, None, None, :]
+            dy = az[:, :, :, None, None] * slope[None, :, None, :, None] * ax[:, :, None, None, :]
+            dz = slope[None, :, :, None, None] * ay[:, :, None, :, None] * ax[:, :, None, None, :]
+            dw = torch.stack(
+                [d.expand(n, num_levels, 2, 2, 2).reshape(n, num_levels, 8) for d in (dx, dy, dz)], -1
+            )
+        return w, dw, feats

@@ -8,8 +8,9 @@
 - Normals: n = −∇τ/‖∇τ‖, only when shading needs them: by autograd of the density (`analytic`,
   DreamFusion; shading losses then need a second backward), or by differences of τ with step ε,
   central (`finite_difference`, threestudio's: six more queries) or forward (`forward_difference`:
-  three more, O(ε) error). Differences need first-order autograd only, so the whole field query
-  can be compiled.
+  three more, O(ε) error), or in closed form (`closed_form`: the exact ∇τ from the hash grid's
+  spatial derivative through the MLP by the chain rule, from the same corner lookups). All but
+  `analytic` need first-order autograd only, so the whole field query can be compiled.
 - Background: `BackgroundConfig`: solid colour, a random solid colour per image, or a small MLP of
   the view direction (learned).
 """
@@ -34,7 +35,7 @@ class HashGridNeRFConfig:
     hidden_dim: int = 32
     blob_scale: float = 10.0
     blob_std: float = 0.5
-    normal_type: Literal["analytic", "finite_difference", "forward_difference"] = "analytic"
+    normal_type: Literal["analytic", "finite_difference", "forward_difference", "closed_form"] = "analytic"
     finite_difference_eps: float = 0.01  # threestudio's finite_difference_normal_eps
     # torch.compile the field query (hash grid + MLP, with finite-difference normals): fused kernels
     # on a GPU. Needs normal_type="finite_difference" (compiled functions have no double backward).
@@ -42,7 +43,7 @@ class HashGridNeRFConfig:
 
     def build(self) -> HashGridNeRF:
         if self.compile and self.normal_type == "analytic":
-            raise ValueError("a compiled NeRF needs normal_type='finite_difference' or 'forward_difference'")
+            raise ValueError("a compiled NeRF needs normals without a second backward, not 'analytic'")
         return HashGridNeRF(self)
 
 
@@ -66,6 +67,7 @@ class HashGridNeRF(nn.Module):
         compile = torch.compile if config.compile else (lambda fn: fn)
         self._query = compile(self._field)
         self._query_fd = compile(self._field_and_fd_normals)
+        self._query_closed = compile(self._field_and_closed_form_normals)
 
     def density_blob(self, points: torch.Tensor) -> torch.Tensor:  # [N, 3] -> [N]
         return self.config.blob_scale * (1 - points.norm(dim=-1) / self.config.blob_std)
@@ -91,6 +93,29 @@ class HashGridNeRF(nn.Module):
         grad = ((d[:3] - d[3:]) / (2 * eps) if central else (d - density[:n]) / eps).T  # [N, 3]
         return density[:n], albedo[:n], -F.normalize(grad, dim=-1, eps=1e-6)
 
+    def _field_and_closed_form_normals(
+        self, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Density, albedo and n = −∇τ/‖∇τ‖ with ∇τ by the chain rule written out:
+        τ = softplus(z)·inside, z = W₂[0]·relu(W₁e + b₁) + b₂[0] + blob(x), e the hash features, so
+        ∇τ = sigmoid(z)·(W₂[0]·(1[h>0] ⊙ W₁ ∂e/∂x) + ∇blob)."""
+        bound = self.config.bound
+        unit = (points + bound) / (2 * bound)
+        inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        e, de = self.encoding.forward_with_gradient(unit)  # [N, K], [N, K, 3] per unit coordinate
+        first, last = self.mlp[0], self.mlp[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        h = first(e)
+        raw = last(torch.relu(h))
+        dh = torch.einsum("hk,nkd->nhd", first.weight, de / (2 * bound))  # [N, H, 3]
+        d_raw = torch.einsum("h,nhd->nd", last.weight[0], dh * (h > 0)[..., None])
+        norm = points.norm(dim=-1, keepdim=True)
+        d_blob = -(self.config.blob_scale / self.config.blob_std) * points / norm.clamp_min(1e-12)
+        z = raw[:, 0] + self.density_blob(points)
+        density = F.softplus(z) * inside
+        grad = (torch.sigmoid(z) * inside)[:, None] * (d_raw + d_blob)
+        return density, torch.sigmoid(raw[:, 1:]), -F.normalize(grad, dim=-1, eps=1e-6)
+
     def forward(self, points: torch.Tensor) -> DensityAlbedo:  # points [N, 3] in world units
         density, albedo = self._query(points)
         return DensityAlbedo(density=density, albedo=albedo)
@@ -102,7 +127,8 @@ class HashGridNeRF(nn.Module):
         """Density, albedo and n = −∇τ/‖∇τ‖ [N, 3]. Analytic normals: `create_graph` lets losses
         on n train τ. Finite-difference normals always carry their (first-order) graph."""
         if self.config.normal_type != "analytic":
-            density, albedo, normals = self._query_fd(points)
+            query = self._query_closed if self.config.normal_type == "closed_form" else self._query_fd
+            density, albedo, normals = query(points)
             return DensityAlbedo(density=density, albedo=albedo), normals
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
