@@ -119,8 +119,10 @@ class HashGrid(nn.Module):
         w = (
             axis_w[:, :, 2, :, None, None] * axis_w[:, :, 1, None, :, None] * axis_w[:, :, 0, None, None, :]
         ).reshape(n, num_levels, 8)
-        # int32 row indices (all levels' rows < 2^31): half the memory an int64 index keeps for backward.
-        index = torch.empty(n, num_levels, 8, dtype=torch.int32, device=x.device)
+        # On a GPU int32 row indices (all levels' rows < 2^31): half the memory an int64 index keeps
+        # for backward. On the CPU int64: index_add_ with int32 indices is 6× slower there.
+        index_dtype = torch.int32 if x.is_cuda else torch.long
+        index = torch.empty(n, num_levels, 8, dtype=index_dtype, device=x.device)
         for level, res in enumerate(self.resolutions):
             cx, cy, cz = coords[:, level, 0], coords[:, level, 1], coords[:, level, 2]  # [N, 2] each
             side = res + 1
