@@ -38,3 +38,10 @@ def test_quick_quality_run_scores_a_real_mesh(tmp_path):
     assert row["shape"] in ("sphere", "cube", "cylinder", "cone", "torus") and row["seconds"] > 0
     assert report["summary"]["full"]["prompts"] == 1
     assert "| a blue torus |" in (tmp_path / "quality.md").read_text()
+
+
+def test_quality_prompts_must_be_world_prompts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "quality", "--prompts", "a green cube, a red blob"])
+    assert exit_info.value.code == 2
+    assert "not world prompts: a red blob" in capsys.readouterr().err

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sds3d bench quality", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} prompts: {', '.join(QUICK)}")
     parser.add_argument("--variants", default="full", help=f"comma-separated: {', '.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, help="override the preset's steps (for smoke tests)")
+    parser.add_argument("--steps", type=int, help="override the preset's steps")
+    parser.add_argument("--prompts", help="comma-separated world prompts instead of all 30 (or --quick)")
     parser.add_argument(
         "--limit", type=int, help="only the first N prompts of the selection (for smoke tests)"
     )
@@ -142,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     prompts = QUICK if args.quick else tuple(o.prompt for o in all_objects())
+    if args.prompts:
+        prompts = tuple(p.strip() for p in args.prompts.split(","))
+        bad = [p for p in prompts if parse_prompt(p) is None]
+        if bad:
+            parser.error(f"not world prompts: {', '.join(bad)}")
     prompts = prompts[: args.limit] if args.limit else prompts
     base = preset("default")
     if args.steps is not None:
