@@ -88,6 +88,17 @@ def test_config_json_round_trip(tmp_path):
         assert type(load_config(tmp_path / "c.json").guidance) is type(config.guidance)
 
 
+def test_a_run_trained_with_a_compiled_nerf_loads_uncompiled_for_export(tmp_path):
+    """GPU presets compile the NeRF for training; export and rendering (often on a CPU) do not."""
+    config = tiny(steps=2)
+    train(config, tmp_path, progress=False)
+    config.nerf = dataclasses.replace(config.nerf, compile=True, normal_type="closed_form")
+    save_config(config, tmp_path / "config.json")
+    loaded, scene, step = load_scene(tmp_path)
+    assert step == 2 and not loaded.nerf.compile and loaded.nerf.normal_type == "closed_form"
+    assert scene.nerf._query == scene.nerf._field  # the plain bound method, no compiled wrapper
+
+
 @pytest.mark.parametrize("prompt,shape,color", [("a red cube", "cube", "red")])
 def test_empirical_prior_sds_recovers_a_world_object(tmp_path, prompt, shape, color):
     """The core claim, end to end on the CPU: the empirical prior's mesh matches the ground truth."""

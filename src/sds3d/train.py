@@ -92,6 +92,8 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, in
         raise UserError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train it first")
     config = load_config(run_dir / "config.json")
     config.device = device
+    # Export and rendering query the field without autograd, in chunks: no compiled NeRF needed.
+    config.nerf.compile = False
     scene = build_scene(config)
     state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
     scene.load_state_dict(state["scene"])
