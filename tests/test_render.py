@@ -146,6 +146,22 @@ def _blob_only_nerf(**kwargs):
     return nerf
 
 
+def _twins(a, b):
+    """Two NeRFs with a's weights."""
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _field_normals_and_grads(nerf, points):
+    """Density, normals, and the gradients of a fixed random loss on density, albedo and normals
+    with respect to the hash tables and the first MLP layer."""
+    probe = torch.randn(points.shape[0], 3, generator=torch.Generator().manual_seed(1))
+    field, n = nerf.normals(points, create_graph=True)
+    loss = field.density.sum() * 1e-3 + (field.albedo * probe).sum() + (n * probe).sum()
+    grads = torch.autograd.grad(loss, [nerf.encoding.tables, nerf.mlp[0].weight])
+    return field.density.detach(), n.detach(), grads
+
+
 @pytest.mark.parametrize(
     "normal_type, atol",
     [("analytic", 1e-5), ("closed_form", 1e-5), ("finite_difference", 1e-3), ("forward_difference", 0.03)],
@@ -181,24 +197,17 @@ def test_compiled_nerf_matches_the_eager_one_in_values_and_gradients(normal_type
 
     torch.manual_seed(0)
     config = HashGridNeRFConfig(
-        grid=HashGridConfig(num_levels=4, max_resolution=32), normal_type="finite_difference"
+        grid=HashGridConfig(num_levels=4, max_resolution=32, init_scale=0.5), normal_type=normal_type
     )
-    eager = config.build()
-    compiled = dataclasses.replace(config, compile=True).build()
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled = _twins(config.build(), dataclasses.replace(config, compile=True).build())
     points = torch.rand(2048, 3) * 1.6 - 0.8
-    probe = torch.randn(2048, 3)
-    grads = []
-    for nerf in (eager, compiled):
-        field, n = nerf.normals(points, create_graph=True)
-        loss = field.density.sum() + (field.albedo * probe).sum() + (n * probe).sum()
-        grads.append(torch.autograd.grad(loss, [nerf.encoding.tables, nerf.mlp[0].weight]))
-        if nerf is eager:
-            reference = (field.density.detach(), n.detach())
-    assert torch.allclose(field.density.detach(), reference[0], atol=1e-5)
-    assert torch.allclose(n.detach(), reference[1], atol=1e-4)
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    (d_eager, n_eager, g_eager), (d_compiled, n_compiled, g_compiled) = (
+        _field_normals_and_grads(nerf, points) for nerf in (eager, compiled)
+    )
+    assert torch.allclose(d_compiled, d_eager, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(n_compiled, n_eager, atol=1e-4)
+    for a, b in zip(g_eager, g_compiled, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="second backward"):
         dataclasses.replace(config, normal_type="analytic", compile=True).build()
 
@@ -210,16 +219,15 @@ def test_closed_form_normals_equal_autograd_normals_in_values_and_parameter_grad
 
     torch.manual_seed(0)
     grid = HashGridConfig(num_levels=6, max_resolution=64, log2_table_size=12, init_scale=0.5)
-    autograd_nerf = HashGridNeRFConfig(grid=grid).build()
-    closed = HashGridNeRFConfig(grid=grid, normal_type="closed_form").build()
-    closed.load_state_dict(autograd_nerf.state_dict())
+    autograd_nerf, closed = _twins(
+        HashGridNeRFConfig(grid=grid).build(),
+        HashGridNeRFConfig(grid=grid, normal_type="closed_form").build(),
+    )
     points = torch.rand(3000, 3) * 1.8 - 0.9
-    probe = torch.randn(3000, 3)
-    results = []
-    for nerf in (autograd_nerf, closed):
-        field, n = nerf.normals(points, create_graph=True)
-        loss = (n * probe).sum() + field.density.sum() * 1e-3
-        results.append((n.detach(), torch.autograd.grad(loss, [nerf.encoding.tables, nerf.mlp[0].weight])))
-    assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
-    for a, b in zip(results[0][1], results[1][1], strict=True):
+    (d_auto, n_auto, g_auto), (d_closed, n_closed, g_closed) = (
+        _field_normals_and_grads(nerf, points) for nerf in (autograd_nerf, closed)
+    )
+    assert torch.allclose(d_closed, d_auto, atol=1e-5)
+    assert torch.allclose(n_closed, n_auto, atol=1e-4)
+    for a, b in zip(g_auto, g_closed, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
