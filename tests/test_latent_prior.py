@@ -156,3 +156,26 @@ def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     assert out.steps_done == 2 and all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
     if name == "dreamfusion-sd":
         assert out.final_losses["orientation"] >= 0 and "sparsity" in out.final_losses
+
+
+def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
+    """`sds3d bench speed` on the toy SD layout, on the CPU: every phase and the floor are measured
+    and the report names its configuration."""
+    import json
+
+    from sds3d.cli import main
+
+    args = ["bench", "speed", "--arch", "tiny-sd", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    assert main([*args, "--out", str(tmp_path), "--name", "speed"]) == 0
+    (row,) = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert row["arch"] == "tiny-sd" and row["normals"] == "analytic" and not row["nerf_compile"]
+    assert row["step_ms"] > 0 and all(row["phases_ms"][k] > 0 for k in ("render", "vae_encode", "unet"))
+    floor = row["floor_ms"]
+    assert floor["unet_pair_ms"] > 0 and floor["vae_encode_fb_ms"] > 0
+    assert floor["floor_ms"] == pytest.approx(floor["unet_pair_ms"] + floor["vae_encode_fb_ms"], abs=0.02)
+    assert row["step_over_floor"] == pytest.approx(row["step_ms"] / floor["floor_ms"], rel=0.01)
+    assert (
+        (tmp_path / "speed.md")
+        .read_text()
+        .startswith("# SDS step against its floor (eager, analytic normals")
+    )

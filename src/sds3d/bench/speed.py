@@ -281,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
               "results": rows}  # fmt: skip
     m = report["machine"]
     mode = f"torch.compile, mode {args.compile_mode}" if args.compile else "eager"
-    normals = args.normals or ("forward_difference" if args.nerf_compile else "analytic")
-    mode += (", NeRF compiled" if args.nerf_compile else "") + f", {normals.replace('_', '-')} normals"
+    mode += (
+        ", NeRF compiled" if args.nerf_compile else ""
+    ) + f", {rows[0]['normals'].replace('_', '-')} normals"
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",

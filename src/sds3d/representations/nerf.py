@@ -37,8 +37,8 @@ class HashGridNeRFConfig:
     blob_std: float = 0.5
     normal_type: Literal["analytic", "finite_difference", "forward_difference", "closed_form"] = "analytic"
     finite_difference_eps: float = 0.01  # threestudio's finite_difference_normal_eps
-    # torch.compile the field query (hash grid + MLP, with finite-difference normals): fused kernels
-    # on a GPU. Needs normal_type="finite_difference" (compiled functions have no double backward).
+    # torch.compile the field query (hash grid + MLP, with its normals): fused kernels on a GPU.
+    # Needs normals other than "analytic" (compiled functions have no double backward).
     compile: bool = False
 
     def build(self) -> HashGridNeRF:
@@ -72,10 +72,13 @@ class HashGridNeRF(nn.Module):
     def density_blob(self, points: torch.Tensor) -> torch.Tensor:  # [N, 3] -> [N]
         return self.config.blob_scale * (1 - points.norm(dim=-1) / self.config.blob_std)
 
+    def _unit(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points in the unit cube of the hash grid, and which of them lie inside the scene."""
+        unit = (points + self.config.bound) / (2 * self.config.bound)
+        return unit, ((unit >= 0) & (unit <= 1)).all(dim=-1)
+
     def _field(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bound = self.config.bound
-        unit = (points + bound) / (2 * bound)
-        inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        unit, inside = self._unit(points)
         raw = self.mlp(self.encoding(unit))
         density = F.softplus(raw[:, 0] + self.density_blob(points)) * inside
         return density, torch.sigmoid(raw[:, 1:])
@@ -99,15 +102,13 @@ class HashGridNeRF(nn.Module):
         """Density, albedo and n = −∇τ/‖∇τ‖ with ∇τ by the chain rule written out:
         τ = softplus(z)·inside, z = W₂[0]·relu(W₁e + b₁) + b₂[0] + blob(x), e the hash features, so
         ∇τ = sigmoid(z)·(W₂[0]·(1[h>0] ⊙ W₁ ∂e/∂x) + ∇blob)."""
-        bound = self.config.bound
-        unit = (points + bound) / (2 * bound)
-        inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        unit, inside = self._unit(points)
         e, de = self.encoding.forward_with_gradient(unit)  # [N, K], [N, K, 3] per unit coordinate
         first, last = self.mlp[0], self.mlp[2]
         assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
         h = first(e)
         raw = last(torch.relu(h))
-        dh = torch.einsum("hk,nkd->nhd", first.weight, de / (2 * bound))  # [N, H, 3]
+        dh = torch.einsum("hk,nkd->nhd", first.weight, de / (2 * self.config.bound))  # [N, H, 3]
         d_raw = torch.einsum("h,nhd->nd", last.weight[0], dh * (h > 0)[..., None])
         norm = points.norm(dim=-1, keepdim=True)
         d_blob = -(self.config.blob_scale / self.config.blob_std) * points / norm.clamp_min(1e-12)
@@ -125,7 +126,7 @@ class HashGridNeRF(nn.Module):
 
     def normals(self, points: torch.Tensor, create_graph: bool) -> tuple[DensityAlbedo, torch.Tensor]:
         """Density, albedo and n = −∇τ/‖∇τ‖ [N, 3]. Analytic normals: `create_graph` lets losses
-        on n train τ. Finite-difference normals always carry their (first-order) graph."""
+        on n train τ. The other normal types always carry their (first-order) graph."""
         if self.config.normal_type != "analytic":
             query = self._query_closed if self.config.normal_type == "closed_form" else self._query_fd
             density, albedo, normals = query(points)
