@@ -1,7 +1,8 @@
 """`sds3d bench quality`: the default preset (learned prior) on the world's prompts, each mesh scored
 against the ground truth.
 
-    sds3d bench quality [--quick] [--variants full,no-camera,no-view-prompts,neither] [--out benchmarks]
+    sds3d bench quality [--quick] [--variants full,no-camera,no-view-prompts,neither] [--device cuda]
+                        [--out benchmarks]
 
 Per prompt: train with the default preset, export the mesh as `sds3d generate` does, then
 - shape: the primitive whose 3D IoU with the mesh is highest at its best rotation about z
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=int, help="only the first N prompts of the selection (for smoke tests)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--name", default="quality", help="report file name (without .md/.json)")
     parser.add_argument(
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"not world prompts: {', '.join(bad)}")
     prompts = prompts[: args.limit] if args.limit else prompts
-    base = preset("default")
+    base = dataclasses.replace(preset("default"), device=args.device)
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
     results: dict[str, list[dict]] = {}

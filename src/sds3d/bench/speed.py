@@ -133,6 +133,7 @@ def run_config(
     compile_mode: str = "default",
     nerf_compile: bool = False,
     normals: str | None = None,
+    nerf_compile_mode: str = "default",
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
@@ -143,7 +144,12 @@ def run_config(
     # The NeRF eager with autograd normals (DreamFusion's) unless told otherwise; compiled, it needs
     # normals without a second backward (forward differences unless told otherwise).
     normals = normals or ("forward_difference" if nerf_compile else "analytic")
-    nerf = dataclasses.replace(config.nerf, compile=nerf_compile, normal_type=normals)  # type: ignore[arg-type]
+    nerf = dataclasses.replace(
+        config.nerf,
+        compile=nerf_compile,
+        compile_mode=nerf_compile_mode,
+        normal_type=normals,  # type: ignore[arg-type]
+    )
     return dataclasses.replace(
         config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9
     )
@@ -152,12 +158,13 @@ def run_config(
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
+    nerf_compile_mode: str = "default",
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
-    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile, normals)
+    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if arch == "builtin":
@@ -231,7 +238,7 @@ def measure(
     phase_ms["rest"] = step - sum(phase_ms.values())
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
-        "nerf_compile": nerf_compile, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "--nerf-compile", action="store_true",
         help="also torch.compile the NeRF's field query (with forward-difference normals unless --normals)",
     )  # fmt: skip
+    parser.add_argument("--nerf-compile-mode", default="default", help="torch.compile mode of the NeRF")
     parser.add_argument(
         "--normals", choices=["analytic", "finite_difference", "forward_difference", "closed_form"],
         help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                            args.compile_mode, args.nerf_compile, args.normals))  # fmt: skip
+                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     mode = f"torch.compile, mode {args.compile_mode}" if args.compile else "eager"
     mode += (
-        ", NeRF compiled" if args.nerf_compile else ""
+        f", NeRF compiled ({args.nerf_compile_mode})" if args.nerf_compile else ""
     ) + f", {rows[0]['normals'].replace('_', '-')} normals"
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",

@@ -40,6 +40,7 @@ class HashGridNeRFConfig:
     # torch.compile the field query (hash grid + MLP, with its normals): fused kernels on a GPU.
     # Needs normals other than "analytic" (compiled functions have no double backward).
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
 
     def build(self) -> HashGridNeRF:
         if self.compile and self.normal_type == "analytic":
@@ -64,7 +65,9 @@ class HashGridNeRF(nn.Module):
             nn.Linear(config.hidden_dim, 4),  # raw density, raw albedo (3)
         )
         # Compiled callables beside the module (the state dict stays the plain module's).
-        compile = torch.compile if config.compile else (lambda fn: fn)
+        compile = (
+            (lambda fn: torch.compile(fn, mode=config.compile_mode)) if config.compile else (lambda fn: fn)
+        )
         self._query = compile(self._field)
         self._query_fd = compile(self._field_and_fd_normals)
         self._query_closed = compile(self._field_and_closed_form_normals)
