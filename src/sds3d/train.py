@@ -197,6 +197,7 @@ def train(
     cpu = config.device == "cpu"
     sync_every = 1 if cpu else 10  # host syncs only every few steps on a GPU
     last: dict[str, torch.Tensor] = {}
+    pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None  # stats on their way to the host
     step = start
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc=config.prompt[:40], disable=not progress, unit="it")
@@ -246,20 +247,21 @@ def train(
 
             done = step + 1
             if done % sync_every == 0 or done == config.steps:
-                # One host sync for the loss, the timestep and the NaN check together.
-                value, t_shown, finite = torch.stack(
-                    [last["loss"].float(), g.timesteps[0].float(), _finite(scene).float()]
-                ).tolist()
-                if not np.isfinite(value) or not finite:
-                    bar.close()
-                    kept = _checkpoint_step(run_dir)
-                    where = (
-                        f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}"
-                        if kept is not None
-                        else "no checkpoint was written yet"
-                    )
-                    raise DivergedError(f"training diverged to NaN/Inf at step {done}; {where}")
-                bar.set_postfix(loss=f"{value:.4g}", t=int(t_shown))
+                # The loss, the timestep and the NaN check travel to the host together. On a GPU
+                # they are read one interval later (an asynchronous copy, no stall), except before a
+                # checkpoint is written: a diverged scene is never saved.
+                stats = torch.stack([last["loss"].float(), g.timesteps[0].float(), _finite(scene).float()])
+                if cpu or done % config.checkpoint_every == 0 or done == config.steps:
+                    _report(stats.tolist(), done, bar, run_dir)
+                    pending = None
+                else:
+                    if pending is not None:
+                        pending[1].synchronize()
+                        _report(pending[0].tolist(), pending[2], bar, run_dir)
+                    host = stats.to("cpu", non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    pending = (host, ready, done)
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, done, generator.get_state())
@@ -279,6 +281,21 @@ def train(
         run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),
         interrupted=interrupted, final_losses={k: float(v) for k, v in last.items()},
     )  # fmt: skip
+
+
+def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:
+    """Show the loss and timestep of step `done`; raise if the loss or the scene is not finite."""
+    value, t_shown, finite = stats
+    if not np.isfinite(value) or not finite:
+        bar.close()
+        kept = _checkpoint_step(run_dir)
+        where = (
+            f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}"
+            if kept is not None
+            else "no checkpoint was written yet"
+        )
+        raise DivergedError(f"training diverged to NaN/Inf at step {done}; {where}")
+    bar.set_postfix(loss=f"{value:.4g}", t=int(t_shown))
 
 
 def _finite(scene: Scene) -> torch.Tensor:

@@ -134,6 +134,7 @@ def run_config(
     nerf_compile: bool = False,
     normals: str | None = None,
     nerf_compile_mode: str = "default",
+    hash_grid: str = "torch",
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
@@ -149,6 +150,7 @@ def run_config(
         compile=nerf_compile,
         compile_mode=nerf_compile_mode,
         normal_type=normals,  # type: ignore[arg-type]
+        grid=dataclasses.replace(config.nerf.grid, kernel=hash_grid),  # type: ignore[arg-type]
     )
     return dataclasses.replace(
         config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9
@@ -158,13 +160,15 @@ def run_config(
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
-    nerf_compile_mode: str = "default",
+    nerf_compile_mode: str = "default", hash_grid: str = "torch",
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
-    config = run_config(arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode)
+    config = run_config(
+        arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if arch == "builtin":
@@ -238,7 +242,8 @@ def measure(
     phase_ms["rest"] = step - sum(phase_ms.values())
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
-        "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
+        "hash_grid": hash_grid, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -263,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--nerf-compile-mode", default="default", help="torch.compile mode of the NeRF")
     parser.add_argument(
+        "--hash-grid", default="torch", choices=["auto", "torch", "triton"],
+        help="the hash grid's kernels (triton: fused Triton kernels on a GPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--normals", choices=["analytic", "finite_difference", "forward_difference", "closed_form"],
         help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
     )  # fmt: skip
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode))  # fmt: skip
+                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode, args.hash_grid))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"torch.compile, mode {args.compile_mode}" if args.compile else "eager"
     mode += (
         f", NeRF compiled ({args.nerf_compile_mode})" if args.nerf_compile else ""
-    ) + f", {rows[0]['normals'].replace('_', '-')} normals"
+    ) + f", {rows[0]['normals'].replace('_', '-')} normals, hash grid {args.hash_grid}"
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",

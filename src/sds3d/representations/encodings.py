@@ -6,16 +6,20 @@ size F, directly where (N_l + 1)³ ≤ T, else by the spatial hash (⊕_i c_i·�
 π = (1, 2654435761, 805459861). Features are trilinearly interpolated and the L levels
 concatenated: an output of L·F features per point. No CUDA extension: tiny-cuda-nn does this
 fused; here it is one vectorised gather over all levels and corners, so it runs anywhere.
-`_reference.hash_grid_encode_reference` is its slow, obvious twin.
+`_reference.hash_grid_encode_reference` is its slow, obvious twin. On a GPU, `hashgrid_triton`'s two
+fused kernels replace the gather and its backward (`kernel`), with this PyTorch path as their twin.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+from sds3d.representations import hashgrid_triton
 
 # Instant-NGP's hash primes (π_1 = 1 keeps the first axis coherent in memory).
 HASH_PRIMES = (1, 2654435761, 805459861)
@@ -33,6 +37,11 @@ class HashGridConfig:
     base_resolution: int = 16
     max_resolution: int = 128
     init_scale: float = 1e-4  # Instant-NGP initialises the tables uniformly in ±1e-4
+    # "triton": the fused Triton kernels (a GPU with Triton, 2 features per level, points without
+    # autograd), an error elsewhere; "auto": Triton where it can run, else PyTorch; "torch": PyTorch.
+    # PyTorch by default: on the H100 the kernels cut peak memory but not the step time
+    # (benchmarks/speed_hash_grid_*.md).
+    kernel: Literal["auto", "torch", "triton"] = "torch"
 
     def build(self) -> HashGrid:
         return HashGrid(self)
@@ -82,12 +91,35 @@ class HashGrid(nn.Module):
             "_resolutions", torch.tensor(self.resolutions, dtype=torch.float32), persistent=False
         )
         self.register_buffer("_corner_offsets", CORNER_OFFSETS.clone(), persistent=False)
+        # For the Triton kernels: N_l + 1 for dense levels, 0 for hashed ones.
+        sides = [res + 1 if (res + 1) ** 3 <= self.table_size else 0 for res in self.resolutions]
+        self.register_buffer("_dense_sides", torch.tensor(sides, dtype=torch.int32), persistent=False)
 
     @property
     def output_dim(self) -> int:
         return self.config.num_levels * self.config.features_per_level
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        kernel = self.config.kernel
+        if kernel == "torch":
+            return False
+        why = (
+            "Triton is not installed or no CUDA device" if not hashgrid_triton.available()
+            else "the points are not on a GPU" if not x.is_cuda
+            else "the points require grad (autograd normals)" if x.requires_grad
+            else "it needs 2 features per level" if self.config.features_per_level != 2
+            else None
+        )  # fmt: skip
+        if why is not None and kernel == "triton":
+            raise RuntimeError(f"hash-grid kernel 'triton' cannot run here: {why}")
+        return why is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3] in [0, 1] -> [N, L·F]
+        if self._use_triton(x):
+            features, _ = hashgrid_triton.hash_grid_encode(
+                x, self.tables, self._resolutions, self._dense_sides, self.table_size, False
+            )
+            return features
         w, _, feats = self._corners(x, spatial_gradient=False)
         # Σ_c w·f as a broadcast product: an einsum here becomes N·L tiny fp32 matmuls on a GPU.
         return (w[..., None] * feats).sum(dim=2).reshape(x.shape[0], -1)
@@ -95,6 +127,10 @@ class HashGrid(nn.Module):
     def forward_with_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [N, L·F] and their derivative with respect to x, [N, L·F, 3], in closed form
         from the same corner lookups (tiny-cuda-nn's dy/dx): ∂(Σ_c w_c f_c)/∂x = Σ_c (∂w_c/∂x) f_c."""
+        if self._use_triton(x):
+            return hashgrid_triton.hash_grid_encode(
+                x, self.tables, self._resolutions, self._dense_sides, self.table_size, True
+            )
         w, dw, feats = self._corners(x, spatial_gradient=True)
         assert dw is not None
         n = x.shape[0]
