@@ -47,6 +47,11 @@ bench-gpu: $(STAMP)
 		--normals closed_form --steps 30 --warmup 15 --out benchmarks --name speed_compile_graphs_closed
 	$(PY) -m sds3d.cli bench speed --arch builtin --compile --compile-mode reduce-overhead --nerf-compile \
 		--steps 30 --warmup 15 --out benchmarks --name speed_builtin_graphs
+	for k in torch triton; do $(PY) -m sds3d.cli bench speed --arch sd15 --compile --compile-mode reduce-overhead \
+		--nerf-compile --normals closed_form --hash-grid $$k --steps 30 --warmup 15 --out benchmarks \
+		--name speed_hash_grid_$$k; done
+	$(PY) -m sds3d.cli bench quality --quick --steps 400 --device cuda --out benchmarks --name quality_quick_h100
+	$(PY) -m sds3d.cli bench quality --quick --steps 800 --device cuda --out benchmarks --name quality_quick_800_h100
 
 gallery: $(STAMP)
 	$(PY) -m sds3d.cli bench quality --quick --name quality_quick --image docs/gallery.png --out benchmarks

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η: 0 deterministic, 1 ancestral")
     parser.add_argument(
         "--camera", action="store_true", help="condition each sample on a random camera of the training range"
     )
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(1)
         cameras = sample_cameras(PriorDataConfig().camera, g, batch_size=len(objects)).to(args.device)
     prompts = [o.prompt for o in objects]
-    images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras)
+    images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras, eta=args.eta)
     shapes, colors = predict(classifier, images.to(args.device))
     rows = []
     for held_out in (False, True):
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     imageio.imwrite(samples, image_grid(images, 4 * args.samples))
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-              "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "camera": args.camera,
+              "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "eta": args.eta, "camera": args.camera,
               "judge_on_ground_truth": judge, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     lines = [
         "# Prior accuracy: samples of every world prompt judged by an attribute classifier",
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{result['command']}` ({result['date']}), model `{args.model}`  ",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}",
         "",
-        f"DDIM {args.steps} steps, CFG s = {args.guidance_scale} (diffusers convention), "
+        f"DDIM {args.steps} steps (η = {args.eta:g}), CFG s = {args.guidance_scale} (diffusers convention), "
         f"{'a random camera of the training range per sample' if args.camera else 'no camera'}, "
         f"{args.samples} samples per prompt. The judge (a CNN trained on ground-truth renders of all 30 objects) "
         f"scores {judge['shape_accuracy']:.1%} shape and {judge['color_accuracy']:.1%} colour on fresh ground-truth renders.",

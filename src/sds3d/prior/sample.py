@@ -1,5 +1,6 @@
-"""Deterministic sampling from a diffusers prior with diffusers' DDIM, for sample grids and the
-prior-accuracy check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅)."""
+"""Sampling from a diffusers prior with diffusers' DDIM, for sample grids and the prior-accuracy
+check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅); deterministic
+with η = 0, ancestral (DDPM-like fresh noise at every step) with η = 1 (Song et al. 2021, eq. 16)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sds3d.guidance.diffusers_prior import DiffusersGuidance
 @torch.no_grad()
 def sample_images(
     guidance: DiffusersGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
-    cameras=None,
+    cameras=None, eta: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """[N, 3, R, R] in [0, 1], one image per prompt."""
     from diffusers import DDIMScheduler
@@ -34,7 +35,7 @@ def sample_images(
         tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
         eps = guidance.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), uncond + cond, both_cams)
         e_u, e_c = eps.chunk(2)
-        x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x).prev_sample
+        x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x, eta=eta, generator=g).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
