@@ -23,14 +23,13 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q --durations=8
 
-# CPU benchmarks (this machine): about 110 minutes in all on 2 cores.
+# CPU benchmarks (this machine): about 3.5 hours in all on 2 cores.
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks
-	$(PY) -m sds3d.cli bench quality --out benchmarks
-	$(PY) -m sds3d.cli bench quality --quick --variants full,no-camera,no-view-prompts,neither \
-		--name quality_ablation --image docs/gallery.png --out benchmarks
-	$(PY) -m sds3d.cli bench quality --steps 800 --out benchmarks --name quality_800_steps \
-		--prompts "a red cube,a orange cube,a yellow cube,a green cube,a blue cube,a purple cube,a blue torus,a yellow sphere,a blue cone,a purple cylinder"
+	$(PY) -m sds3d.cli bench quality --out benchmarks --image docs/gallery.png
+	$(PY) -m sds3d.cli bench quality --steps 400 --out benchmarks --name quality_400_steps
+	$(PY) -m sds3d.cli bench quality --quick --steps 400 --variants no-camera,no-view-prompts \
+		--name quality_ablation --out benchmarks
 	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks
 	$(PY) -m sds3d.bench.prior_accuracy --out benchmarks --camera --name prior_accuracy_camera
 	$(PY) -m sds3d.bench.gallery --out benchmarks

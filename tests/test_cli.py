@@ -134,7 +134,7 @@ def test_generate_writes_mesh_turntable_summary_and_resume_extends(tmp_path, cap
 def test_console_script_lists_presets():
     exe = Path(sys.executable).parent / "sds3d"
     result = subprocess.run([str(exe), "presets"], capture_output=True, text=True, check=True)
-    assert re.search(r"^default\s+diffusers\s+400 steps\s+sds3d's learned prior", result.stdout, re.M)
+    assert re.search(r"^default\s+diffusers\s+800 steps\s+sds3d's learned prior", result.stdout, re.M)
     assert re.search(r"^empirical\s+empirical\s+400 steps", result.stdout, re.M)
     assert re.search(r"^dreamfusion-sd\s+diffusers\s+10000 steps", result.stdout, re.M)
     help_text = subprocess.run(
