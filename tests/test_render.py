@@ -270,13 +270,30 @@ def test_triton_hash_grid_matches_its_pytorch_twin_in_values_and_table_gradients
         assert _relative_error(grads[1], grads[0]) < 1e-4
 
 
+class _CountingLaunch:
+    """Wraps a Triton kernel: `kernel[grid](...)` launches are recorded in `calls`."""
+
+    def __init__(self, kernel, name: str, calls: list[str]):
+        self.kernel, self.name, self.calls = kernel, name, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kernel[grid]
+
+
 @needs_triton
-def test_compiled_nerf_with_triton_kernels_matches_the_eager_pytorch_one():
+def test_compiled_nerf_with_triton_kernels_matches_the_eager_pytorch_one(monkeypatch):
     """The fast-sd field query (compiled, closed-form normals, Triton hash grid) against eager
-    PyTorch: density, normals, and gradients of tables and MLP."""
+    PyTorch: density, normals, and gradients of tables and MLP; both kernels really ran."""
     import dataclasses
 
     from sds3d.representations.nerf import HashGridNeRFConfig
+
+    calls: list[str] = []
+    for name in ("_hash_grid_fwd", "_hash_grid_bwd"):
+        monkeypatch.setattr(
+            hashgrid_triton, name, _CountingLaunch(getattr(hashgrid_triton, name), name, calls)
+        )
 
     torch.manual_seed(0)
     grid = HashGridConfig(
@@ -299,6 +316,7 @@ def test_compiled_nerf_with_triton_kernels_matches_the_eager_pytorch_one():
     assert off.median() < 1e-4 and (off < 1e-3).float().mean() > 0.99
     for a, b in zip(g_eager, g_fast, strict=True):
         assert _relative_error(b, a) < 1e-3
+    assert "_hash_grid_fwd" in calls and "_hash_grid_bwd" in calls
 
 
 def test_triton_hash_grid_says_why_it_cannot_run():

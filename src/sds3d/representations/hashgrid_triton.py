@@ -27,6 +27,28 @@ BLOCK = 128  # points per program
 if triton is not None:
 
     @triton.jit
+    def _point(x_ptr, offs, mask, AXIS: tl.constexpr):
+        """One coordinate of a block of points, clamped to [0, 1] as the PyTorch path does."""
+        return tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + AXIS, mask=mask, other=0.0), 0.0), 1.0)
+
+    @triton.jit
+    def _cell(p, res):
+        """The lower cell index along one axis at resolution `res`, and the fraction inside the cell."""
+        s = p * res
+        b = tl.floor(s)
+        return b.to(tl.int32), s - b
+
+    @triton.jit
+    def _weights(fx, fy, fz, res, OX: tl.constexpr, OY: tl.constexpr, OZ: tl.constexpr):
+        """Trilinear weight w of corner (OX, OY, OZ) and ∂w/∂x: each axis factor is frac on the upper
+        corner and 1 − frac on the lower one, its slope ±N_l; the other two factors stay."""
+        wx = (1 - OX) + (2 * OX - 1) * fx
+        wy = (1 - OY) + (2 * OY - 1) * fy
+        wz = (1 - OZ) + (2 * OZ - 1) * fz
+        sx, sy, sz = (2 * OX - 1) * res, (2 * OY - 1) * res, (2 * OZ - 1) * res
+        return wx * wy * wz, sx * wy * wz, sy * wx * wz, sz * wx * wy
+
+    @triton.jit
     def _corner(
         ix, iy, iz, level, side, T: tl.constexpr, OX: tl.constexpr, OY: tl.constexpr, OZ: tl.constexpr
     ):
@@ -44,16 +66,15 @@ if triton is not None:
     ):  # fmt: skip
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        px = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 0, mask=mask, other=0.0), 0.0), 1.0)
-        py = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 1, mask=mask, other=0.0), 0.0), 1.0)
-        pz = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 2, mask=mask, other=0.0), 0.0), 1.0)
+        px = _point(x_ptr, offs, mask, 0)
+        py = _point(x_ptr, offs, mask, 1)
+        pz = _point(x_ptr, offs, mask, 2)
         for level in tl.static_range(L):
             res = tl.load(res_ptr + level)
             side = tl.load(stride_ptr + level)  # N_l + 1 where the level is dense, else 0
-            sx, sy, sz = px * res, py * res, pz * res
-            bx, by, bz = tl.floor(sx), tl.floor(sy), tl.floor(sz)
-            fx, fy, fz = sx - bx, sy - by, sz - bz
-            ix, iy, iz = bx.to(tl.int32), by.to(tl.int32), bz.to(tl.int32)
+            ix, fx = _cell(px, res)
+            iy, fy = _cell(py, res)
+            iz, fz = _cell(pz, res)
             e0 = tl.zeros([BLOCK], dtype=tl.float32)
             e1 = tl.zeros([BLOCK], dtype=tl.float32)
             d0x = tl.zeros([BLOCK], dtype=tl.float32)
@@ -69,18 +90,10 @@ if triton is not None:
                 row = _corner(ix, iy, iz, level, side, T, OX, OY, OZ)
                 f0 = tl.load(tables_ptr + row * 2 + 0, mask=mask, other=0.0)
                 f1 = tl.load(tables_ptr + row * 2 + 1, mask=mask, other=0.0)
-                # The axis weights: frac on the upper corner, 1 − frac on the lower one.
-                wx = (1 - OX) + (2 * OX - 1) * fx
-                wy = (1 - OY) + (2 * OY - 1) * fy
-                wz = (1 - OZ) + (2 * OZ - 1) * fz
-                w = wx * wy * wz
+                w, gx, gy, gz = _weights(fx, fy, fz, res, OX, OY, OZ)
                 e0 += w * f0
                 e1 += w * f1
                 if GRAD:
-                    # ∂w/∂x_a: the axis-a factor's slope is ±N_l, the other two factors stay.
-                    gx = (2 * OX - 1) * res * wy * wz
-                    gy = (2 * OY - 1) * res * wx * wz
-                    gz = (2 * OZ - 1) * res * wx * wy
                     d0x += gx * f0
                     d0y += gy * f0
                     d0z += gz * f0
@@ -105,16 +118,15 @@ if triton is not None:
     ):  # fmt: skip
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        px = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 0, mask=mask, other=0.0), 0.0), 1.0)
-        py = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 1, mask=mask, other=0.0), 0.0), 1.0)
-        pz = tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + 2, mask=mask, other=0.0), 0.0), 1.0)
+        px = _point(x_ptr, offs, mask, 0)
+        py = _point(x_ptr, offs, mask, 1)
+        pz = _point(x_ptr, offs, mask, 2)
         for level in tl.static_range(L):
             res = tl.load(res_ptr + level)
             side = tl.load(stride_ptr + level)  # N_l + 1 where the level is dense, else 0
-            sx, sy, sz = px * res, py * res, pz * res
-            bx, by, bz = tl.floor(sx), tl.floor(sy), tl.floor(sz)
-            fx, fy, fz = sx - bx, sy - by, sz - bz
-            ix, iy, iz = bx.to(tl.int32), by.to(tl.int32), bz.to(tl.int32)
+            ix, fx = _cell(px, res)
+            iy, fy = _cell(py, res)
+            iz, fz = _cell(pz, res)
             g0 = tl.load(gfeat_ptr + offs * (2 * L) + 2 * level + 0, mask=mask, other=0.0)
             g1 = tl.load(gfeat_ptr + offs * (2 * L) + 2 * level + 1, mask=mask, other=0.0)
             if GRAD:
@@ -130,17 +142,10 @@ if triton is not None:
                 OY = (c >> 1) & 1
                 OZ = (c >> 2) & 1
                 row = _corner(ix, iy, iz, level, side, T, OX, OY, OZ)
-                # The axis weights: frac on the upper corner, 1 − frac on the lower one.
-                wx = (1 - OX) + (2 * OX - 1) * fx
-                wy = (1 - OY) + (2 * OY - 1) * fy
-                wz = (1 - OZ) + (2 * OZ - 1) * fz
-                w = wx * wy * wz
+                w, gx, gy, gz = _weights(fx, fy, fz, res, OX, OY, OZ)
                 v0 = w * g0
                 v1 = w * g1
                 if GRAD:
-                    gx = (2 * OX - 1) * res * wy * wz
-                    gy = (2 * OY - 1) * res * wx * wz
-                    gz = (2 * OZ - 1) * res * wx * wy
                     v0 += gx * h0x + gy * h0y + gz * h0z
                     v1 += gx * h1x + gy * h1y + gz * h1z
                 tl.atomic_add(gtables_ptr + row * 2 + 0, v0, mask=mask, sem="relaxed")
