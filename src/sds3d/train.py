@@ -195,6 +195,7 @@ def train(
     save_config(config, run_dir / "config.json")
 
     cpu = config.device == "cpu"
+    on_cuda = config.device.startswith("cuda")  # asynchronous host copies need CUDA events
     sync_every = 1 if cpu else 10  # host syncs only every few steps on a GPU
     last: dict[str, torch.Tensor] = {}
     pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None  # stats on their way to the host
@@ -251,7 +252,7 @@ def train(
                 # they are read one interval later (an asynchronous copy, no stall), except before a
                 # checkpoint is written: a diverged scene is never saved.
                 stats = torch.stack([last["loss"].float(), g.timesteps[0].float(), _finite(scene).float()])
-                if cpu or done % config.checkpoint_every == 0 or done == config.steps:
+                if not on_cuda or done % config.checkpoint_every == 0 or done == config.steps:
                     _report(stats.tolist(), done, bar, run_dir)
                     pending = None
                 else:

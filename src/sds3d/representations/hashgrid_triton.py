@@ -60,6 +60,27 @@ if triton is not None:
         return tl.where(side > 0, dense.to(tl.int64), hashed) + level * T
 
     @triton.jit
+    def _level_cells(px, py, pz, res_ptr, stride_ptr, level):
+        """Level `level`'s resolution N_l, dense side (N_l + 1, or 0 where hashed), and the points'
+        cells and fractions along x, y, z."""
+        res = tl.load(res_ptr + level)
+        side = tl.load(stride_ptr + level)
+        ix, fx = _cell(px, res)
+        iy, fy = _cell(py, res)
+        iz, fz = _cell(pz, res)
+        return res, side, ix, iy, iz, fx, fy, fz
+
+    @triton.jit
+    def _corner_at(ix, iy, iz, fx, fy, fz, res, level, side, T: tl.constexpr, C: tl.constexpr):
+        """Corner C = x_bit + 2·y_bit + 4·z_bit (CORNER_OFFSETS' order): its table row, its weight w
+        and ∂w/∂x."""
+        OX = C & 1
+        OY = (C >> 1) & 1
+        OZ = (C >> 2) & 1
+        w, gx, gy, gz = _weights(fx, fy, fz, res, OX, OY, OZ)
+        return _corner(ix, iy, iz, level, side, T, OX, OY, OZ), w, gx, gy, gz
+
+    @triton.jit
     def _hash_grid_fwd(
         x_ptr, tables_ptr, res_ptr, stride_ptr, feat_ptr, dfeat_ptr, n,
         T: tl.constexpr, L: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -70,11 +91,7 @@ if triton is not None:
         py = _point(x_ptr, offs, mask, 1)
         pz = _point(x_ptr, offs, mask, 2)
         for level in tl.static_range(L):
-            res = tl.load(res_ptr + level)
-            side = tl.load(stride_ptr + level)  # N_l + 1 where the level is dense, else 0
-            ix, fx = _cell(px, res)
-            iy, fy = _cell(py, res)
-            iz, fz = _cell(pz, res)
+            res, side, ix, iy, iz, fx, fy, fz = _level_cells(px, py, pz, res_ptr, stride_ptr, level)
             e0 = tl.zeros([BLOCK], dtype=tl.float32)
             e1 = tl.zeros([BLOCK], dtype=tl.float32)
             d0x = tl.zeros([BLOCK], dtype=tl.float32)
@@ -84,13 +101,9 @@ if triton is not None:
             d1y = tl.zeros([BLOCK], dtype=tl.float32)
             d1z = tl.zeros([BLOCK], dtype=tl.float32)
             for c in tl.static_range(8):
-                OX = c & 1  # corner c = x_bit + 2·y_bit + 4·z_bit (CORNER_OFFSETS' order)
-                OY = (c >> 1) & 1
-                OZ = (c >> 2) & 1
-                row = _corner(ix, iy, iz, level, side, T, OX, OY, OZ)
+                row, w, gx, gy, gz = _corner_at(ix, iy, iz, fx, fy, fz, res, level, side, T, c)
                 f0 = tl.load(tables_ptr + row * 2 + 0, mask=mask, other=0.0)
                 f1 = tl.load(tables_ptr + row * 2 + 1, mask=mask, other=0.0)
-                w, gx, gy, gz = _weights(fx, fy, fz, res, OX, OY, OZ)
                 e0 += w * f0
                 e1 += w * f1
                 if GRAD:
@@ -122,11 +135,7 @@ if triton is not None:
         py = _point(x_ptr, offs, mask, 1)
         pz = _point(x_ptr, offs, mask, 2)
         for level in tl.static_range(L):
-            res = tl.load(res_ptr + level)
-            side = tl.load(stride_ptr + level)  # N_l + 1 where the level is dense, else 0
-            ix, fx = _cell(px, res)
-            iy, fy = _cell(py, res)
-            iz, fz = _cell(pz, res)
+            res, side, ix, iy, iz, fx, fy, fz = _level_cells(px, py, pz, res_ptr, stride_ptr, level)
             g0 = tl.load(gfeat_ptr + offs * (2 * L) + 2 * level + 0, mask=mask, other=0.0)
             g1 = tl.load(gfeat_ptr + offs * (2 * L) + 2 * level + 1, mask=mask, other=0.0)
             if GRAD:
@@ -138,11 +147,7 @@ if triton is not None:
                 h1y = tl.load(base + 4, mask=mask, other=0.0)
                 h1z = tl.load(base + 5, mask=mask, other=0.0)
             for c in tl.static_range(8):
-                OX = c & 1  # corner c = x_bit + 2·y_bit + 4·z_bit (CORNER_OFFSETS' order)
-                OY = (c >> 1) & 1
-                OZ = (c >> 2) & 1
-                row = _corner(ix, iy, iz, level, side, T, OX, OY, OZ)
-                w, gx, gy, gz = _weights(fx, fy, fz, res, OX, OY, OZ)
+                row, w, gx, gy, gz = _corner_at(ix, iy, iz, fx, fy, fz, res, level, side, T, c)
                 v0 = w * g0
                 v1 = w * g1
                 if GRAD:
