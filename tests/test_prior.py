@@ -112,3 +112,56 @@ def test_attribute_classifier_learns_shape_and_colour_from_ground_truth():
     shapes, colors = predict(model, (test.images + 1) / 2)
     assert len(shapes) == len(test) and set(colors) <= {"red", "orange", "yellow", "green", "blue", "purple"}
     assert evaluate(model, test)["color_accuracy"] > 0.7
+
+
+class _TwoPointDenoiser:
+    """A stand-in for DiffusersGuidance: the exact ε̂ of a two-image dataset {x0*, −x0*} (its
+    posterior mean), plus a bias that makes the predicted x_0 leave [−1, 1] at high noise
+    (x_0 error = −√(1−ᾱ)/√ᾱ · bias, ~100 × bias near t = T)."""
+
+    def __init__(self, scheduler_config, x0: torch.Tensor, bias: float):
+        from diffusers import DDPMScheduler
+
+        self.scheduler_config = scheduler_config
+        self.abar = DDPMScheduler.from_config(scheduler_config).alphas_cumprod
+        self.x0, self.bias = x0, bias
+        self.unet = torch.nn.Conv2d(3, 3, 1)
+        self.unet.config = type("Config", (), {"sample_size": x0.shape[-1]})()
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        return torch.zeros(1)
+
+    def predict_noise(self, x, t, embeddings, cameras):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        logit = 2 * a.sqrt() * (x * self.x0).flatten(1).sum(1).view(-1, 1, 1, 1) / (1 - a)
+        mean = torch.tanh(logit / 2) * self.x0  # p(x0*)·x0* + p(−x0*)·(−x0*)
+        return (x - a.sqrt() * mean) / (1 - a).sqrt() + self.bias
+
+
+def test_shipped_prior_samples_without_clipping_x0():
+    """The shipped scheduler config does not clip the predicted x_0 when sampling (clipping cost the
+    prior's samples their shape accuracy: model card), and `sample_images` follows the config."""
+    from diffusers import DDPMScheduler
+
+    from sds3d.prior.model import SHIPPED_PRIOR
+    from sds3d.prior.sample import sample_images
+
+    config = DDPMScheduler.from_pretrained(SHIPPED_PRIOR, subfolder="scheduler").config
+    assert config.clip_sample is False
+    x0 = torch.linspace(0.1, 0.9, 3 * 4 * 4).view(1, 3, 4, 4)
+    fake = _TwoPointDenoiser(config, x0, bias=0.02)
+    prompts = ["a red cube"] * 64
+    shipped = sample_images(fake, prompts, guidance_scale=3.0, steps=20)  # type: ignore[arg-type]
+    unclipped = sample_images(fake, prompts, 3.0, 20, clip_sample=False)  # type: ignore[arg-type]
+    clipped = sample_images(fake, prompts, 3.0, 20, clip_sample=True)  # type: ignore[arg-type]
+    assert torch.equal(shipped, unclipped)
+    # Every sample lands on one of the two images (the bias moves it by ~1e-3) …
+    for samples in (unclipped, clipped):
+        err = torch.minimum((samples - (x0 + 1) / 2).abs(), (samples - (1 - x0) / 2).abs())
+        assert err.max() < 5e-3
+
+    # … but clipping the saturated early x_0 changes which one some samples pick.
+    def picks(samples: torch.Tensor) -> torch.Tensor:
+        return ((samples - 0.5) * x0).sum((1, 2, 3)) > 0
+
+    assert picks(clipped).ne(picks(unclipped)).any()

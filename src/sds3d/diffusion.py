@@ -37,12 +37,16 @@ SD_SCHEDULER_CONFIG: dict = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
 }
-# DDPM's linear schedule (Ho et al. 2020), used by pixel-space priors.
+# DDPM's linear schedule (Ho et al. 2020), used by pixel-space priors. No clipping of the predicted
+# x_0 when sampling: near t = T the ε-error is amplified ~100× in x_0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ, and
+# clipping that to [−1, 1] (diffusers' default) paints saturated colours that DDIM then keeps — it
+# cost the built-in prior's samples most of their shape accuracy (model card). SDS reads only ᾱ.
 DDPM_SCHEDULER_CONFIG: dict = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
+    "clip_sample": False,
 }
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from sds3d.bench.report import describe_machine, write_report
-from sds3d.cameras import CameraConfig, sample_cameras
+from sds3d.cameras import CameraConfig, sample_cameras, view_labels
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.classifier import ClassifierConfig, predict, train_classifier
 from sds3d.prior.data import HELD_OUT, PriorDataConfig
 from sds3d.prior.model import SHIPPED_PRIOR
 from sds3d.prior.sample import image_grid, sample_images
+from sds3d.prompts import with_view
 from sds3d.world import all_objects
 
 
@@ -28,6 +29,36 @@ def _relative(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
+
+
+def world_prompts(samples: int, camera: bool, view_prompts: bool, device: str):
+    """Every world object `samples` times: (objects, prompts, cameras or None). Cameras are drawn from
+    the prior's training range (seed 1); with `view_prompts` each prompt gets its camera's view suffix
+    by the view-dependent prompting rule (as SDS and the training captions do)."""
+    objects = [o for o in all_objects() for _ in range(samples)]
+    prompts = [o.prompt for o in objects]
+    if not camera:
+        return objects, prompts, None
+    g = torch.Generator().manual_seed(1)
+    cameras = sample_cameras(PriorDataConfig().camera, g, batch_size=len(objects))
+    if view_prompts:
+        labels = view_labels(cameras.elevation_deg, cameras.azimuth_deg)
+        prompts = [with_view(p, label) for p, label in zip(prompts, labels, strict=True)]
+    return objects, prompts, cameras.to(device)
+
+
+def score(classifier, images: torch.Tensor, objects: list) -> list[dict]:
+    """Shape and colour accuracy of the judged samples, seen and held-out objects separately."""
+    shapes, colors = predict(classifier, images)
+    rows = []
+    for held_out in (False, True):
+        pick = [i for i, o in enumerate(objects) if (o.prompt in HELD_OUT) == held_out]
+        rows.append({
+            "objects": "held out" if held_out else "seen", "samples": len(pick),
+            "shape_accuracy": sum(shapes[i] == objects[i].shape for i in pick) / len(pick),
+            "color_accuracy": sum(colors[i] == objects[i].color for i in pick) / len(pick),
+        })  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,28 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--camera", action="store_true", help="condition each sample on a random camera of the training range"
     )
+    parser.add_argument(
+        "--view-prompts", action="store_true", help="with --camera: add each camera's view suffix"
+    )
+    parser.add_argument("--threshold", type=float, default=0.0, help="dynamic thresholding ratio (0: off)")
+    parser.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ (0: off)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="prior_accuracy", help="report name (samples: <name>_samples.png)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     classifier, judge = train_classifier(ClassifierConfig(), args.device)
     guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig()).to(args.device)
-    objects = [o for o in all_objects() for _ in range(args.samples)]
-    cameras = None
-    if args.camera:
-        g = torch.Generator().manual_seed(1)
-        cameras = sample_cameras(PriorDataConfig().camera, g, batch_size=len(objects)).to(args.device)
-    prompts = [o.prompt for o in objects]
-    images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras, eta=args.eta)
-    shapes, colors = predict(classifier, images.to(args.device))
-    rows = []
-    for held_out in (False, True):
-        pick = [i for i, o in enumerate(objects) if (o.prompt in HELD_OUT) == held_out]
-        rows.append({
-            "objects": "held out" if held_out else "seen", "samples": len(pick),
-            "shape_accuracy": sum(shapes[i] == objects[i].shape for i in pick) / len(pick),
-            "color_accuracy": sum(colors[i] == objects[i].color for i in pick) / len(pick),
-        })  # fmt: skip
+    objects, prompts, cameras = world_prompts(args.samples, args.camera, args.view_prompts, args.device)
+    images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras, eta=args.eta,
+                           threshold_ratio=args.threshold, guidance_rescale=args.rescale)  # fmt: skip
+    rows = score(classifier, images.to(args.device), objects)
     args.out.mkdir(parents=True, exist_ok=True)
     samples = args.out / (
         "prior_samples.png" if args.name == "prior_accuracy" else f"{args.name}_samples.png"

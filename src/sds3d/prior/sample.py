@@ -1,6 +1,11 @@
 """Sampling from a diffusers prior with diffusers' DDIM, for sample grids and the prior-accuracy
 check: x_T ~ N(0, I), then `steps` DDIM updates with CFG ε̂ = ε_∅ + s(ε_y − ε_∅); deterministic
-with η = 0, ancestral (DDPM-like fresh noise at every step) with η = 1 (Song et al. 2021, eq. 16)."""
+with η = 0, ancestral (DDPM-like fresh noise at every step) with η = 1 (Song et al. 2021, eq. 16).
+
+Options for large guidance scales, all diffusers' own: dynamic thresholding of the predicted x_0
+(Imagen; DeepFloyd IF's scheduler uses ratio 0.95, max 1.5), CFG rescale (Lin et al. 2024, φ), and
+the timestep spacing of the DDIM steps ("leading" starts at t = 957 for 30 steps, "trailing" at 999).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,24 @@ from sds3d.guidance.diffusers_prior import DiffusersGuidance
 @torch.no_grad()
 def sample_images(
     guidance: DiffusersGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
-    cameras=None, eta: float = 0.0,
+    cameras=None, eta: float = 0.0, threshold_ratio: float = 0.0, threshold_max: float = 1.5,
+    guidance_rescale: float = 0.0, spacing: str | None = None, clip_sample: bool | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """[N, 3, R, R] in [0, 1], one image per prompt."""
+    """[N, 3, R, R] in [0, 1], one image per prompt. `threshold_ratio` > 0 turns on dynamic
+    thresholding with that percentile and `threshold_max`; `guidance_rescale` is φ of CFG rescale;
+    `spacing` and `clip_sample` override the scheduler config's."""
     from diffusers import DDIMScheduler
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-    scheduler = DDIMScheduler.from_config(guidance.scheduler_config)
+    overrides: dict = {}
+    if threshold_ratio > 0:
+        overrides |= {"thresholding": True, "dynamic_thresholding_ratio": threshold_ratio,
+                      "sample_max_value": threshold_max}  # fmt: skip
+    if spacing is not None:
+        overrides["timestep_spacing"] = spacing
+    if clip_sample is not None:
+        overrides["clip_sample"] = clip_sample
+    scheduler = DDIMScheduler.from_config(guidance.scheduler_config, **overrides)
     scheduler.set_timesteps(steps)
     res = int(guidance.unet.config.sample_size)
     device = next(guidance.unet.parameters()).device
@@ -35,7 +52,10 @@ def sample_images(
         tt = torch.full((len(prompts),), int(t), device=device, dtype=torch.long)
         eps = guidance.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), uncond + cond, both_cams)
         e_u, e_c = eps.chunk(2)
-        x = scheduler.step(e_u + guidance_scale * (e_c - e_u), t, x, eta=eta, generator=g).prev_sample
+        e = e_u + guidance_scale * (e_c - e_u)
+        if guidance_rescale > 0:
+            e = rescale_noise_cfg(e, e_c, guidance_rescale)
+        x = scheduler.step(e, t, x, eta=eta, generator=g).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
