@@ -120,6 +120,43 @@ def shade(
     return rho * (ambient + (1 - ambient) * diffuse)
 
 
+def _shade_and_composite(
+    density: torch.Tensor,  # [R, N]
+    albedo: torch.Tensor,  # [R, N, 3]
+    hit: torch.Tensor,  # [R]
+    sample_normals: torch.Tensor | None,  # [R, N, 3]
+    points: torch.Tensor,  # [R, N, 3]
+    t: torch.Tensor,  # [R, N]
+    deltas: torch.Tensor,  # [R, N]
+    bg: torch.Tensor,  # [R, 3]
+    light_positions: torch.Tensor | None,  # [B, 3]
+    pixels_per_image: int,
+    shading: Shading,
+    ambient: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Per-ray colour, opacity, depth and normal from the field's samples: shading, compositing
+    and the background. (rgb [R, 3], opacity [R, 1], depth [R, 1], normal [R, 3] or None,
+    weights [R, N], density [R, N])."""
+    density = density * hit[:, None]
+    lights = (
+        None
+        if light_positions is None
+        else light_positions.repeat_interleave(pixels_per_image, dim=0)[:, None, :]
+    )
+    color = shade(albedo, sample_normals, points, lights, shading, ambient)
+    extras = [t[..., None]] + ([sample_normals] if sample_normals is not None else [])
+    feats, weights = composite(density, torch.cat([color] + extras, dim=-1), deltas)
+    rgb_fg, depth = feats[:, :3], feats[:, 3:4]
+    normal = feats[:, 4:7] if sample_normals is not None else None
+    opacity = weights.sum(dim=1, keepdim=True)
+    return rgb_fg + (1 - opacity) * bg, opacity, depth, normal, weights, density
+
+
+# The training render's tail as fused kernels (the eager one launches ~100 small kernels forward
+# and backward); compiled lazily, on the first call, only for a compiled NeRF.
+_shade_and_composite_compiled = torch.compile(_shade_and_composite)
+
+
 def render(
     nerf: HashGridNeRF,
     background: Background,
@@ -176,18 +213,17 @@ def render(
         field = DensityAlbedo(torch.cat([f.density for f in fields]), torch.cat([f.albedo for f in fields]))
         if normals_needed:
             sample_normals = torch.cat(normals).reshape(r, num_samples, 3)
-    density = field.density.reshape(r, num_samples) * hit[:, None]
-    albedo = field.albedo.reshape(r, num_samples, 3)
-    # 3. Shade and composite.
-    lights = None if light_positions is None else light_positions.repeat_interleave(h * w, dim=0)[:, None, :]
-    color = shade(albedo, sample_normals, points, lights, shading, ambient)
-    extras = [t[..., None]] + ([sample_normals] if sample_normals is not None else [])
-    feats, weights = composite(density, torch.cat([color] + extras, dim=-1), deltas)
-    rgb_fg, depth = feats[:, :3], feats[:, 3:4]
-    normal = feats[:, 4:7] if sample_normals is not None else None
-    opacity = weights.sum(dim=1, keepdim=True)
     bg = background(dirs, generator=generator, random=random_background).reshape(-1, 3)
-    rgb = rgb_fg + (1 - opacity) * bg
+    # 3. Shade and composite: one fused region fore and aft when the NeRF is compiled (training).
+    tail = (
+        _shade_and_composite_compiled
+        if getattr(nerf.config, "compile", False) and torch.is_grad_enabled()
+        else _shade_and_composite
+    )
+    rgb, opacity, depth, normal, weights, density = tail(
+        field.density.reshape(r, num_samples), field.albedo.reshape(r, num_samples, 3), hit, sample_normals,
+        points, t, deltas, bg, light_positions, h * w, shading, ambient,
+    )  # fmt: skip
 
     def image(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
