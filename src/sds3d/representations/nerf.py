@@ -104,17 +104,15 @@ class HashGridNeRF(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Density, albedo and n = −∇τ/‖∇τ‖ with ∇τ by the chain rule written out:
         τ = softplus(z)·inside, z = W₂[0]·relu(W₁e + b₁) + b₂[0] + blob(x), e the hash features, so
-        ∇τ = sigmoid(z)·((W₂[0] ⊙ 1[h>0])·W₁ ∂e/∂x + ∇blob)."""
+        ∇τ = sigmoid(z)·(W₂[0]·(1[h>0] ⊙ W₁ ∂e/∂x) + ∇blob)."""
         unit, inside = self._unit(points)
         e, de = self.encoding.forward_with_gradient(unit)  # [N, K], [N, K, 3] per unit coordinate
         first, last = self.mlp[0], self.mlp[2]
         assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
         h = first(e)
         raw = last(torch.relu(h))
-        # ∂z/∂e = (W₂[0] ⊙ 1[h>0])·W₁ per point, [N, K]: then one contraction with ∂e/∂x, and no
-        # [N, H, 3] product (W₁ ∂e/∂x) is ever formed (3·H floats a point, fore and aft).
-        dz_de = ((h > 0) * last.weight[0]) @ first.weight
-        d_raw = torch.einsum("nk,nkd->nd", dz_de, de) / (2 * self.config.bound)
+        dh = torch.einsum("hk,nkd->nhd", first.weight, de / (2 * self.config.bound))  # [N, H, 3]
+        d_raw = torch.einsum("h,nhd->nd", last.weight[0], dh * (h > 0)[..., None])
         norm = points.norm(dim=-1, keepdim=True)
         d_blob = -(self.config.blob_scale / self.config.blob_std) * points / norm.clamp_min(1e-12)
         z = raw[:, 0] + self.density_blob(points)
