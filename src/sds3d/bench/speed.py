@@ -135,13 +135,16 @@ def run_config(
     normals: str | None = None,
     nerf_compile_mode: str = "default",
     hash_grid: str = "torch",
+    channels_last: bool = False,
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
     else:
         config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
-    guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
+    guidance = dataclasses.replace(
+        config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype, channels_last=channels_last
+    )
     # The NeRF eager with autograd normals (DreamFusion's) unless told otherwise; compiled, it needs
     # normals without a second backward (forward differences unless told otherwise).
     normals = normals or ("forward_difference" if nerf_compile else "analytic")
@@ -160,21 +163,23 @@ def run_config(
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
-    nerf_compile_mode: str = "default", hash_grid: str = "torch",
+    nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
     config = run_config(
-        arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid
-    )
+        arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid,
+        channels_last,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if arch == "builtin":
             guidance = DiffusersGuidanceConfig(
-                model=BUILTIN_PRIOR, compile=compile, compile_mode=compile_mode, dtype=dtype
-            ).build(config.camera)
+                model=BUILTIN_PRIOR, compile=compile, compile_mode=compile_mode, dtype=dtype,
+                channels_last=channels_last,
+            ).build(config.camera)  # fmt: skip
         else:
             assert isinstance(config.guidance, DiffusersGuidanceConfig)
             guidance = DiffusersGuidance(config.guidance, build_components(arch, Path(tmp) / "tokenizer"))
@@ -243,7 +248,7 @@ def measure(
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
-        "hash_grid": hash_grid, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "hash_grid": hash_grid, "channels_last": channels_last, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the hash grid's kernels (triton: fused Triton kernels on a GPU)",
     )  # fmt: skip
     parser.add_argument(
+        "--channels-last", action="store_true", help="U-Net and VAE in channels-last memory format"
+    )
+    parser.add_argument(
         "--normals", choices=["analytic", "finite_difference", "forward_difference", "closed_form"],
         help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
     )  # fmt: skip
@@ -291,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode, args.hash_grid))  # fmt: skip
+                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode, args.hash_grid,
+                            args.channels_last))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
@@ -301,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     mode += (
         f", NeRF compiled ({args.nerf_compile_mode})" if args.nerf_compile else ""
     ) + f", {rows[0]['normals'].replace('_', '-')} normals, hash grid {args.hash_grid}"
+    mode += ", channels-last" if args.channels_last else ""
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",
