@@ -166,7 +166,7 @@ PRESETS: dict[str, RunConfig] = {
         regularizers=RegularizerConfig(sparsity=1.0),
         guidance=DiffusersGuidanceConfig(
             model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,
-            compile_mode="reduce-overhead",
+            compile_mode="reduce-overhead", channels_last=True,
             sds=SDSConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
         ),
     ),

@@ -135,16 +135,16 @@ def run_config(
     normals: str | None = None,
     nerf_compile_mode: str = "default",
     hash_grid: str = "torch",
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
     else:
         config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
-    guidance = dataclasses.replace(
-        config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype, channels_last=channels_last
-    )
+    guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
+    if channels_last is not None:  # else the preset's
+        guidance = dataclasses.replace(guidance, channels_last=channels_last)
     # The NeRF eager with autograd normals (DreamFusion's) unless told otherwise; compiled, it needs
     # normals without a second backward (forward differences unless told otherwise).
     normals = normals or ("forward_difference" if nerf_compile else "analytic")
@@ -163,7 +163,7 @@ def run_config(
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
-    nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool = False,
+    nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
@@ -178,7 +178,7 @@ def measure(
         if arch == "builtin":
             guidance = DiffusersGuidanceConfig(
                 model=BUILTIN_PRIOR, compile=compile, compile_mode=compile_mode, dtype=dtype,
-                channels_last=channels_last,
+                channels_last=bool(channels_last),
             ).build(config.camera)  # fmt: skip
         else:
             assert isinstance(config.guidance, DiffusersGuidanceConfig)
@@ -248,7 +248,7 @@ def measure(
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
-        "hash_grid": hash_grid, "channels_last": channels_last, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "hash_grid": hash_grid, "channels_last": getattr(config.guidance, "channels_last", None), "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the hash grid's kernels (triton: fused Triton kernels on a GPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--channels-last", action="store_true", help="U-Net and VAE in channels-last memory format"
-    )
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="U-Net and VAE in channels-last memory format (default: the preset's; fast-sd: on)",
+    )  # fmt: skip
     parser.add_argument(
         "--normals", choices=["analytic", "finite_difference", "forward_difference", "closed_form"],
         help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     mode += (
         f", NeRF compiled ({args.nerf_compile_mode})" if args.nerf_compile else ""
     ) + f", {rows[0]['normals'].replace('_', '-')} normals, hash grid {args.hash_grid}"
-    mode += ", channels-last" if args.channels_last else ""
+    mode += ", channels-last" if rows[0]["channels_last"] else ""
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",
