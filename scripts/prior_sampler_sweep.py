@@ -4,7 +4,7 @@ built-in prior show the prompted shape.
 
     python scripts/prior_sampler_sweep.py --device cuda --out runs/sweep [--samples 4]
 
-Writes `<out>/prior_sampler_sweep.{md,json}` and one sample grid per setting under `<out>/grids/`.
+Writes `<out>/prior_sampler_sweep.{md,json}` and one sample grid per setting under `<out>/prior_sampler_sweep_grids/`.
 Each setting uses the same cameras and initial noise as `python -m sds3d.bench.prior_accuracy`.
 """
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     classifier, judge = train_classifier(ClassifierConfig(), args.device)
     guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig()).to(args.device)
-    (args.out / "grids").mkdir(parents=True, exist_ok=True)
+    (args.out / "prior_sampler_sweep_grids").mkdir(parents=True, exist_ok=True)
     results = []
     names = list(SETTINGS)
     picked = range(len(names)) if args.select is None else [int(i) for i in args.select.split(",")]
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                                threshold_ratio=st["threshold_ratio"], guidance_rescale=st["guidance_rescale"],
                                spacing=st["spacing"], clip_sample=st["clip_sample"])  # fmt: skip
         rows = score(classifier, images.to(args.device), objects)
-        imageio.imwrite(args.out / "grids" / f"{i:02d}.png", image_grid(images, 4 * args.samples))
+        imageio.imwrite(
+            args.out / "prior_sampler_sweep_grids" / f"{i:02d}.png", image_grid(images, 4 * args.samples)
+        )
         results.append({"index": i, "setting": name, **st, "rows": rows})
         print(f"{i:2d} {name:48s} " + "  ".join(f"{r['objects']}: shape {r['shape_accuracy']:.0%} colour "
                                                 f"{r['color_accuracy']:.0%}" for r in rows), flush=True)  # fmt: skip
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}",
         "",
         f"DDIM (30 steps unless named), {args.samples} samples per prompt; thresholding: diffusers' dynamic "
-        "thresholding with max 1.5; rescale: CFG rescale φ. Grid i is `grids/<i>.png`.",
+        "thresholding with max 1.5; rescale: CFG rescale φ. Grid i is `prior_sampler_sweep_grids/<i>.png`.",
         "",
         "| # | setting | shape seen | shape held out | colour seen | colour held out |",
         "|---:|---|---:|---:|---:|---:|",
