@@ -38,7 +38,8 @@ class PriorTrainConfig:
     # Offset noise (Guttenberg 2023): a per-image, per-channel constant added to ε, against the
     # random background colours of samples from pure noise. Off: fine-tuning the shipped prior with
     # 0.1 for 4,063 steps filled whole samples with the object's colour and lowered the judged shape
-    # accuracy from 77% to 35% (camera-conditioned, CFG 3; see the model card).
+    # accuracy from 77% to 35% (camera-conditioned, CFG 3, the then x_0-clipping sampler; see the
+    # model card: the saturated backgrounds came from the clipping, not from the training).
     offset_noise: float = 0.0
     checkpoint_every: int = 1000
     seed: int = 0
