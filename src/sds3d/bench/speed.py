@@ -248,7 +248,7 @@ def measure(
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
-        "hash_grid": hash_grid, "channels_last": getattr(config.guidance, "channels_last", None), "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "hash_grid": hash_grid, "channels_last": guidance.config.channels_last, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},

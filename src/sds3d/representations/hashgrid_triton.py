@@ -32,6 +32,19 @@ if triton is not None:
         return tl.minimum(tl.maximum(tl.load(x_ptr + offs * 3 + AXIS, mask=mask, other=0.0), 0.0), 1.0)
 
     @triton.jit
+    def _block_points(x_ptr, n, BLOCK: tl.constexpr):
+        """This program's block of points: offsets, mask, and the clamped x, y, z."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        return (
+            offs,
+            mask,
+            _point(x_ptr, offs, mask, 0),
+            _point(x_ptr, offs, mask, 1),
+            _point(x_ptr, offs, mask, 2),
+        )
+
+    @triton.jit
     def _cell(p, res):
         """The lower cell index along one axis at resolution `res`, and the fraction inside the cell."""
         s = p * res
@@ -85,11 +98,7 @@ if triton is not None:
         x_ptr, tables_ptr, res_ptr, stride_ptr, feat_ptr, dfeat_ptr, n,
         T: tl.constexpr, L: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        px = _point(x_ptr, offs, mask, 0)
-        py = _point(x_ptr, offs, mask, 1)
-        pz = _point(x_ptr, offs, mask, 2)
+        offs, mask, px, py, pz = _block_points(x_ptr, n, BLOCK)
         for level in tl.static_range(L):
             res, side, ix, iy, iz, fx, fy, fz = _level_cells(px, py, pz, res_ptr, stride_ptr, level)
             e0 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -129,11 +138,7 @@ if triton is not None:
         x_ptr, res_ptr, stride_ptr, gfeat_ptr, gdfeat_ptr, gtables_ptr, n,
         T: tl.constexpr, L: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        px = _point(x_ptr, offs, mask, 0)
-        py = _point(x_ptr, offs, mask, 1)
-        pz = _point(x_ptr, offs, mask, 2)
+        offs, mask, px, py, pz = _block_points(x_ptr, n, BLOCK)
         for level in tl.static_range(L):
             res, side, ix, iy, iz, fx, fy, fz = _level_cells(px, py, pz, res_ptr, stride_ptr, level)
             g0 = tl.load(gfeat_ptr + offs * (2 * L) + 2 * level + 0, mask=mask, other=0.0)
