@@ -29,17 +29,19 @@ class AnalyticField(nn.Module):
         self.register_buffer("albedo", torch.tensor(albedo))
         self.dummy = nn.Parameter(torch.zeros(()))  # so that next(parameters()) has a device
 
-    def forward(self, points: torch.Tensor) -> DensityAlbedo:
+    def forward(self, points: torch.Tensor, latent: bool = False) -> DensityAlbedo:
+        if latent:
+            raise ValueError("an analytic field has no latent head")
         density = self.density_fn(points) + 0 * self.dummy
         return DensityAlbedo(density=density, albedo=self.albedo.expand(points.shape[0], 3))
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points).density
 
-    def normals(self, points: torch.Tensor, create_graph: bool):
+    def normals(self, points: torch.Tensor, create_graph: bool, latent: bool = False):
         with torch.enable_grad():
             points = points.detach().requires_grad_(True)
-            out = self.forward(points)
+            out = self.forward(points, latent)
             (grad,) = torch.autograd.grad(out.density.sum(), points, create_graph=create_graph)
         return out, -torch.nn.functional.normalize(grad, dim=-1, eps=1e-6)
 

@@ -179,3 +179,160 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
         .read_text()
         .startswith("# SDS step against its floor (eager, analytic normals")
     )
+    # The latent warm-up's step: no VAE encoder inside it, and the U-Net pair alone as its floor.
+    assert main([*args, "--rgb-as-latents", "--out", str(tmp_path), "--name", "latent"]) == 0
+    (row,) = json.loads((tmp_path / "latent.json").read_text())["results"]
+    assert row["rgb_as_latents"] and "vae_encode" not in row["phases_ms"] and row["phases_ms"]["unet"] > 0
+    assert row["floor_ms"]["floor_ms"] == pytest.approx(row["floor_ms"]["unet_pair_ms"], abs=0.02)
+
+
+# --- the latent warm-up (Latent-NeRF; threestudio's rgb_as_latents) --------------------------------
+def test_latent_rgb_maps_are_exact_for_an_affine_encoder():
+    """With an encoder that is affine per latent cell, z = P·mean(rgb over the cell) + q, both fitted
+    maps are exact: RGB→latent recovers (P, q) and latent→RGB inverts it on new colours."""
+    from sds3d.guidance.diffusers_prior import fit_latent_rgb_maps
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 4, generator=g), torch.randn(4, generator=g)
+
+    def encode(rgb):  # [B, 3, 16, 16] → [B, 4, 8, 8]
+        cells = F.avg_pool2d(rgb, 2)
+        return torch.einsum("bchw,cd->bdhw", cells, p) + q.view(1, 4, 1, 1)
+
+    to_rgb, to_latent = fit_latent_rgb_maps(encode, image_size=16, scale=2)
+    assert to_rgb.shape == (5, 3) and to_latent.shape == (4, 4)
+    assert torch.allclose(to_latent[:3], p, atol=1e-4) and torch.allclose(to_latent[3], q, atol=1e-4)
+    colours = torch.rand(10, 3, generator=g)
+    z = colours @ p + q
+    assert torch.allclose(z @ to_rgb[:4] + to_rgb[4], colours, atol=1e-4)
+
+
+def test_latent_heads_turn_into_rgb_heads_to_first_order():
+    """`latents_to_rgb_` writes raw = 4(z·M + c − 1/2) into the RGB heads of the NeRF and of a
+    learned background, exactly, and a solid background renders rgb·P + q as latents."""
+    from sds3d.config import RunConfig
+    from sds3d.representations.encodings import HashGridConfig
+    from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+    from sds3d.train import Scene
+
+    config = RunConfig(
+        nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=4, log2_table_size=10)),
+        background=BackgroundConfig(kind="learned"), latent_warmup=LatentWarmupConfig(steps=5),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    scene = Scene(config)
+    for p in scene.parameters():  # away from the initial zeros, so that every row matters
+        torch.nn.init.normal_(p, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    to_rgb, to_latent = torch.randn(5, 3, generator=g) * 0.3, torch.randn(4, 4, generator=g)
+    scene.set_latent_maps(to_rgb, to_latent)
+    points = torch.rand(64, 3, generator=g) * 1.6 - 0.8
+    dirs = torch.nn.functional.normalize(torch.randn(1, 4, 4, 3, generator=g), dim=-1)
+    with torch.no_grad():
+        z = scene.nerf(points, latent=True).albedo
+        z_bg = scene.background(dirs, latent=True)
+        density = scene.nerf(points).density
+        assert z.shape == (64, 4) and z_bg.shape == (1, 4, 4, 4)
+        scene.latents_to_rgb_()
+        after = scene.nerf(points)
+        expected = torch.sigmoid(4 * (z @ to_rgb[:4] + to_rgb[4] - 0.5))
+        assert torch.allclose(after.albedo, expected, atol=1e-5)
+        assert torch.equal(after.density, density)  # geometry untouched
+        expected_bg = torch.sigmoid(4 * (z_bg @ to_rgb[:4] + to_rgb[4] - 0.5))
+        assert torch.allclose(scene.background(dirs), expected_bg, atol=1e-5)
+        solid = Scene(dataclasses.replace(config, background=BackgroundConfig(color=(0.2, 0.4, 0.6))))
+        solid.set_latent_maps(to_rgb, to_latent)
+        rgb = torch.tensor([0.2, 0.4, 0.6])
+        assert torch.allclose(
+            solid.background(dirs, latent=True)[0, 0, 0], rgb @ to_latent[:3] + to_latent[3]
+        )
+
+
+def test_latent_warmup_skips_the_vae_then_trains_through_it_and_resumes(tiny_sd_model, tmp_path):
+    """Two of four steps render latents straight into the U-Net (the VAE encoder runs only for
+    the maps' fit), the last two go through the encoder; every step's gradient reaches the scene;
+    a run stopped by Ctrl-C inside the warm-up resumes to the same parameters; validation images
+    of both phases are written."""
+    import os
+    import signal
+
+    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.train import load_scene
+
+    config = dataclasses.replace(
+        tiny_diffusers_run(tiny_sd_model, size=8, steps=4), validate_every=1, checkpoint_every=1,
+        latent_warmup=LatentWarmupConfig(steps=2),
+    )  # fmt: skip
+    guidance = config.guidance.build(config.camera)
+    encoder_batches: list[int] = []
+    guidance.vae.encoder.register_forward_hook(lambda m, args, out: encoder_batches.append(args[0].shape[0]))
+    calls_after_step: list[int] = []
+    grads: list[float] = []
+
+    def watch(step, scene):
+        calls_after_step.append(len(encoder_batches))
+
+    out = train(config, tmp_path / "a", progress=False, guidance=guidance, on_step=watch)
+    assert out.steps_done == 4 and out.final_losses["grad_norm"] > 0
+    assert encoder_batches[0] == 4  # the maps' fit: 4 images of colour blocks
+    assert calls_after_step == [1, 1, 2, 3]  # steps 1–2: no encoder; steps 3–4: one call each
+    assert sorted(p.name for p in (tmp_path / "a" / "validation").iterdir()) == [
+        f"step_{i:06d}.png" for i in range(1, 5)
+    ]
+
+    def ctrl_c(step, scene):
+        grads.append(float(scene.nerf.mlp[2].weight.grad[4:].abs().sum()))  # the latent head learns
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = train(config, tmp_path / "b", progress=False, on_step=ctrl_c)
+    assert stopped.interrupted and stopped.steps_done == 1 and grads[0] > 0
+    train(config, tmp_path / "b", resume=True, progress=False)
+    a, b = load_scene(tmp_path / "a")[1].state_dict(), load_scene(tmp_path / "b")[1].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_stopped_in_the_warmup_exports_in_colour(tiny_sd_model, tmp_path):
+    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.train import build_scene, load_scene
+
+    config = dataclasses.replace(
+        tiny_diffusers_run(tiny_sd_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=2)
+    )
+    train(config, tmp_path, progress=False)
+    loaded_config, scene, step = load_scene(tmp_path)
+    raw = build_scene(loaded_config)  # the checkpoint as saved: still latent
+    raw.load_state_dict(torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["scene"])
+    points = torch.rand(32, 3) - 0.5
+    with torch.no_grad():
+        z = raw.nerf(points, latent=True).albedo
+        m = raw.latent_to_rgb
+        assert step == 2 and m.abs().sum() > 0
+        assert torch.allclose(
+            scene.nerf(points).albedo, torch.sigmoid(4 * (z @ m[:4] + m[4] - 0.5)), atol=1e-5
+        )
+
+
+def test_latent_warmup_needs_a_latent_model(tiny_if_model, tmp_path, capsys):
+    from sds3d.cli import main
+    from sds3d.errors import UserError
+    from sds3d.representations.nerf import LatentWarmupConfig
+
+    config = dataclasses.replace(
+        tiny_diffusers_run(tiny_if_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=1)
+    )
+    with pytest.raises(UserError, match="works in pixels"):
+        train(config, tmp_path / "if", progress=False)
+    argv = [
+        "generate",
+        "a red cube",
+        "--preset",
+        "empirical",
+        "--latent-warmup",
+        "5",
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "latent warm-up needs a latent diffusion model" in err and "\n" not in err

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
     g.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
+    g.add_argument(
+        "--latent-warmup", type=int, metavar="STEPS",
+        help="render latents for the first STEPS steps (Latent-NeRF; threestudio's rgb_as_latents): "
+        "no VAE encoder in those steps; latent models (Stable Diffusion) only",
+    )  # fmt: skip
     g.add_argument("--out", type=Path, help="run folder (default: outputs/<slug-of-prompt>-<timestamp>/)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -126,6 +131,10 @@ def _resolve_config(args: argparse.Namespace):
                 config.guidance = GUIDANCE_KINDS[prior]()
         if args.seed is not None:
             config.seed = args.seed
+        if args.latent_warmup is not None:
+            if args.latent_warmup < 0:
+                raise UserError(f"--latent-warmup must be 0 or more steps, not {args.latent_warmup}")
+            config.latent_warmup = dataclasses.replace(config.latent_warmup, steps=args.latent_warmup)
     if args.steps is not None:
         config.steps = args.steps
     if args.device is not None:

@@ -30,7 +30,7 @@ from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp, Scheduled
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
-from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
+from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
 GUIDANCE_KINDS: dict[str, type] = {
@@ -72,6 +72,7 @@ class RunConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     nerf: HashGridNeRFConfig = field(default_factory=HashGridNeRFConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    latent_warmup: LatentWarmupConfig = field(default_factory=LatentWarmupConfig)
     renderer: VolumeRendererConfig = field(default_factory=VolumeRendererConfig)
     guidance: GuidanceConfig = field(default_factory=EmpiricalPriorGuidanceConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)

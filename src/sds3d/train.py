@@ -5,6 +5,9 @@ One step (numbered as in the loop below):
 2. render the NeRF (representations/nerf.py, render/volume.py);
 3. look up the texts for these views (prompts.py) and take the SDS loss from the prior (guidance/);
 4. add the regularisers (losses.py) and take an Adam step.
+With a latent warm-up (`config.latent_warmup`, Latent-NeRF) the first steps render latents,
+unshaded, straight into the U-Net; at its end the scene's RGB heads are written from its latent
+heads (step 0 of the loop) and training goes on in RGB through the VAE.
 
 Determinism: all randomness of a step comes from one `torch.Generator` seeded by `config.seed`;
 its state is saved with every checkpoint, so a run resumed from a checkpoint continues exactly as
@@ -46,12 +49,41 @@ class DivergedError(UserError):
 
 
 class Scene(nn.Module):
-    """What training optimises: the NeRF and its background."""
+    """What training optimises: the NeRF and its background. With a latent warm-up both carry a
+    latent head, and the scene keeps the affine latent→RGB map (`latent_to_rgb`, [C + 1, 3]) that
+    previews latent renders and ends the warm-up."""
+
+    latent_to_rgb: torch.Tensor  # [C + 1, 3], a buffer (latent warm-up only)
 
     def __init__(self, config: RunConfig):
         nn.Module.__init__(self)
-        self.nerf: HashGridNeRF = config.nerf.build()
-        self.background: Background = config.background.build()
+        warmup = config.latent_warmup
+        channels = warmup.channels if warmup.steps > 0 else 0
+        self.nerf: HashGridNeRF = config.nerf.build(latent_channels=channels)
+        self.background: Background = config.background.build(latent_channels=channels)
+        if channels:
+            self.register_buffer("latent_to_rgb", torch.zeros(channels + 1, 3))
+
+    def set_latent_maps(self, to_rgb: torch.Tensor, to_latent: torch.Tensor) -> None:
+        """The VAE's affine maps latent→RGB [C + 1, 3] and RGB→latent [4, C] (fitted once per run)."""
+        self.latent_to_rgb.copy_(to_rgb)
+        self.background.rgb_to_latent.copy_(to_latent)
+
+    def latents_to_rgb_(self) -> None:
+        """End of the latent warm-up: NeRF and background RGB heads from their latent heads."""
+        self.nerf.latent_head_to_rgb_(self.latent_to_rgb)
+        self.background.latent_head_to_rgb_(self.latent_to_rgb)
+
+    def preview_rgb(self, latents: torch.Tensor) -> torch.Tensor:
+        """A latent render [B, C, H, W] as colours [B, 3, H, W] in [0, 1], by the affine map."""
+        m = self.latent_to_rgb.to(latents)
+        return (torch.einsum("bchw,cd->bdhw", latents, m[:-1]) + m[-1].view(1, 3, 1, 1)).clamp(0, 1)
+
+
+def is_latent(config: RunConfig, steps_done: int) -> bool:
+    """Whether the scene after `steps_done` steps still renders latents: the warm-up's heads are
+    converted at the start of step `latent_warmup.steps`, so a checkpoint of that step is latent."""
+    return steps_done <= config.latent_warmup.steps and config.latent_warmup.steps > 0
 
 
 @dataclass
@@ -97,7 +129,10 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, in
     scene = build_scene(config)
     state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
     scene.load_state_dict(state["scene"])
-    return config, scene, int(state["step"])
+    step = int(state["step"])
+    if is_latent(config, step):  # stopped in the latent warm-up: show it in colour from here on
+        scene.latents_to_rgb_()
+    return config, scene, step
 
 
 def save_checkpoint(
@@ -124,12 +159,13 @@ def validation_cameras(config: RunConfig):
 
 
 @torch.no_grad()
-def save_validation(config: RunConfig, scene: Scene, path: Path) -> None:
+def save_validation(config: RunConfig, scene: Scene, path: Path, latent: bool = False) -> None:
     import imageio.v2 as imageio
 
     out = render(scene.nerf, scene.background, validation_cameras(config).to(config.device),
-                 config.renderer.num_samples, random_background=False)  # fmt: skip
-    row = out.rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+                 config.renderer.num_samples, random_background=False, latent=latent)  # fmt: skip
+    rgb = scene.preview_rgb(out.rgb) if latent else out.rgb
+    row = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     imageio.imwrite(path, (np.concatenate(list(row), axis=1) * 255 + 0.5).astype(np.uint8))
 
@@ -179,10 +215,14 @@ def train(
     release = getattr(guidance, "release_text_encoder", None)
     if callable(release):
         release()
+    warmup = config.latent_warmup
+    latent_maps = _latent_maps(guidance, warmup.channels) if warmup.steps > 0 else None
     run_dir.mkdir(parents=True, exist_ok=True)
     scene = build_scene(config)
     optimizer = build_optimizer(config, scene)
     generator = torch.Generator().manual_seed(config.seed)
+    if latent_maps is not None:  # fitted afresh each time; a resumed run keeps its checkpoint's maps
+        scene.set_latent_maps(*latent_maps)
     start = 0
     if resume:
         if not (run_dir / CHECKPOINT).is_file():
@@ -209,9 +249,13 @@ def train(
             step_ratio = step / config.steps
             if not cpu:  # a new step for CUDA-graph replays (torch.compile mode="reduce-overhead")
                 torch.compiler.cudagraph_mark_step_begin()
-            # 1. Cameras, shading and light.
+            # 0. The latent warm-up renders latents until its last step; then the heads turn RGB.
+            if step == warmup.steps > 0:
+                scene.latents_to_rgb_()
+            latent = step < warmup.steps
+            # 1. Cameras, shading and light (latents are rendered unshaded).
             cameras = sample_cameras(config.camera, generator)
-            shading = choose_shading(config.renderer, generator)
+            shading = "albedo" if latent else choose_shading(config.renderer, generator)
             lights = sample_lights(cameras, config.renderer, generator) if shading != "albedo" else None
             cond, uncond = prompts(cameras)  # view labels from the host copy: no device sync
             cameras = cameras.to(config.device)
@@ -222,10 +266,11 @@ def train(
                 scene.nerf, scene.background, cameras, config.renderer.num_samples, shading=shading,
                 light_positions=None if lights is None else to_device(lights, config.device), ambient=config.renderer.ambient,
                 stratified=True, need_normals=orientation_w > 0, normals_create_graph=orientation_w > 0,
-                generator=generator,
+                generator=generator, latent=latent,
             )  # fmt: skip
             # 3. Score distillation.
-            g = guidance(out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator)
+            g = guidance(out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator,
+                         rgb_as_latents=latent)  # fmt: skip
             # 4. Regularisers and the optimiser step.
             opacity = out.opacity.flatten()
             terms = {"sds": g.loss}
@@ -267,7 +312,8 @@ def train(
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, done, generator.get_state())
             if config.validate_every > 0 and (done % config.validate_every == 0 or done == config.steps):
-                save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png")
+                save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png",
+                                latent=is_latent(config, done))  # fmt: skip
             step = done
             if on_step is not None:
                 on_step(done, scene)
@@ -282,6 +328,21 @@ def train(
         run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),
         interrupted=interrupted, final_losses={k: float(v) for k, v in last.items()},
     )  # fmt: skip
+
+
+def _latent_maps(guidance: NoisePredictionGuidance, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guidance's fitted latent↔RGB maps, or one line on why this prior has no latent warm-up."""
+    fit = getattr(guidance, "latent_rgb_maps", None)
+    if fit is None:
+        raise UserError(
+            f"the latent warm-up needs a latent diffusion model (with a VAE), not {type(guidance).__name__}"
+        )
+    to_rgb, to_latent = fit()
+    if to_rgb.shape[0] - 1 != channels:
+        raise UserError(
+            f"the model's latents have {to_rgb.shape[0] - 1} channels; the latent warm-up has {channels}"
+        )
+    return to_rgb, to_latent
 
 
 def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:

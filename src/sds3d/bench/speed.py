@@ -12,7 +12,8 @@ renders) runs with a `DiffusersGuidance` built from the architecture's published
   same process and mode (eager or compiled) — what no implementation of this step can beat;
 - step / floor, peak GPU memory over the run, and 10k steps projected from the median step.
 `builtin` is sds3d's own prior (pixels, 32×32) with the default preset instead. `tiny-sd` is a toy
-SD layout for tests.
+SD layout for tests. `--rgb-as-latents` times the latent warm-up's step (Latent-NeRF: the render
+is the latents, no VAE encoder), against the U-Net pair alone as its floor.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import RunConfig, preset
 from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidance, DiffusersGuidanceConfig
+from sds3d.representations.nerf import LatentWarmupConfig
 
 PROMPT = "a blue torus"
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -136,6 +138,7 @@ def run_config(
     nerf_compile_mode: str = "default",
     hash_grid: str = "torch",
     channels_last: bool | None = None,
+    latent_steps: int = 0,
 ) -> RunConfig:
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
@@ -156,22 +159,25 @@ def run_config(
         grid=dataclasses.replace(config.nerf.grid, kernel=hash_grid),  # type: ignore[arg-type]
     )
     return dataclasses.replace(
-        config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9
-    )
+        config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9,
+        latent_warmup=LatentWarmupConfig(steps=latent_steps),
+    )  # fmt: skip
 
 
 def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
     nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool | None = None,
+    rgb_as_latents: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
 
     dev = torch.device(device)
     clock = Clock(dev)
+    # With rgb_as_latents every step of the run is a latent warm-up step.
     config = run_config(
         arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid,
-        channels_last,
+        channels_last, latent_steps=warmup + steps + 1 if rgb_as_latents else 0,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -206,7 +212,8 @@ def measure(
         floor["vae_encode_fb_ms"] = (
             median_ms(vae_fb, clock, warmup, steps) if guidance.vae is not None else 0.0
         )
-        floor["floor_ms"] = floor["unet_pair_ms"] + floor["vae_encode_fb_ms"]
+        # The latent warm-up's step has no VAE encoder: its floor is the U-Net pair alone.
+        floor["floor_ms"] = floor["unet_pair_ms"] + (0.0 if rgb_as_latents else floor["vae_encode_fb_ms"])
 
         # The real loop, with marks around the render, the VAE encode and the U-Net of every step.
         phases: dict[str, list[tuple[Any, Any]]] = {"render": [], "vae_encode": [], "unet": []}
@@ -248,7 +255,8 @@ def measure(
     return {
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
-        "hash_grid": hash_grid, "channels_last": guidance.config.channels_last, "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
+        "hash_grid": hash_grid, "channels_last": guidance.config.channels_last, "rgb_as_latents": rgb_as_latents,
+        "normals": config.nerf.normal_type, "dtype": dtype, "preset": config.preset,
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
@@ -285,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the NeRF's normals (default: analytic, or forward_difference with --nerf-compile)",
     )  # fmt: skip
     parser.add_argument(
+        "--rgb-as-latents", action="store_true",
+        help="time the latent warm-up's step (the render is the latents; no VAE encoder)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
     parser.add_argument("--steps", type=int, default=50, help="timed steps (after --warmup)")
@@ -296,12 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a not in ARCHS and a != "builtin"]
     if unknown:
         parser.error(f"unknown arch {', '.join(unknown)}; choose from {', '.join([*ARCHS, 'builtin'])}")
+    if args.rgb_as_latents and "builtin" in archs:
+        parser.error("--rgb-as-latents needs a latent model; builtin works in pixels")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     rows = []
     for arch in archs:
         rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
                             args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode, args.hash_grid,
-                            args.channels_last))  # fmt: skip
+                            args.channels_last, args.rgb_as_latents))  # fmt: skip
         print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
@@ -312,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         f", NeRF compiled ({args.nerf_compile_mode})" if args.nerf_compile else ""
     ) + f", {rows[0]['normals'].replace('_', '-')} normals, hash grid {args.hash_grid}"
     mode += ", channels-last" if rows[0]["channels_last"] else ""
+    mode += ", latent warm-up step (rgb_as_latents)" if args.rgb_as_latents else ""
     lines = [
         f"# SDS step against its floor ({mode}, {dtype})",
         "",
@@ -320,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Random weights in each architecture's published config; the real training loop on a NeRF. "
         f"Medians of {args.steps} steps after {args.warmup} warm-up steps. Floor = U-Net CFG-pair forward + "
-        "VAE encoder forward and backward, measured alone in the same process and mode.",
+        "VAE encoder forward and backward, measured alone in the same process and mode"
+        + (
+            "; the latent warm-up's step has no VAE encoder, so its floor is the U-Net pair alone (the "
+            "VAE column still shows the encoder's f/b for reference)."
+            if args.rgb_as_latents
+            else "."
+        ),
         "",
         "| arch | preset | render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
         "| floor ms (U-Net + VAE f/b) | step / floor | peak GPU GB | 10k steps (min) |",
@@ -332,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['arch']} | {r['preset']} | {r['render_resolution']}², {r['samples_per_ray']} samples "
             f"| {r['step_ms']:.1f} | {r['steps_per_s']:.1f} | {p.get('render', 0):.1f} | {p.get('vae_encode', 0):.1f} "
             f"| {p.get('unet', 0):.1f} | {p['rest']:.1f} | {f['floor_ms']:.1f} ({f['unet_pair_ms']:.1f} + "
-            f"{f['vae_encode_fb_ms']:.1f}) | {r['step_over_floor']:.2f} | {r['peak_gpu_gb'] or '—'} "
+            + (
+                f"0; VAE f/b {f['vae_encode_fb_ms']:.1f} not in the step)"
+                if r["rgb_as_latents"]
+                else f"{f['vae_encode_fb_ms']:.1f})"
+            )
+            + f" | {r['step_over_floor']:.2f} | {r['peak_gpu_gb'] or '—'} "
             f"| {r['projected_10k_min']:.1f} |"
         )
     name = args.name or ("speed_" + "_".join(archs) + ("_compile" if args.compile else ""))

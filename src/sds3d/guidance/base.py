@@ -4,7 +4,8 @@ A prior provides three things (the protocol), and `NoisePredictionGuidance.forwa
 into one score-distillation step:
 1. `encode_prompt(text)`: an embedding of one text (cached by `prompts.PromptProcessor`);
 2. `encode_images(rgb)`: the render [B, 3, H, W] in [0, 1] → the model's space (pixels in
-   [−1, 1] at the model resolution, or VAE latents), differentiably;
+   [−1, 1] at the model resolution, or VAE latents), differentiably; latent models also take a
+   render of latents as it is (`rgb_as_latents`, Latent-NeRF: resized, no encoder);
 3. `predict_noise(x_t, t, embeddings, cameras)`: ε̂ for a batch; the conditional and
    unconditional halves of CFG arrive as one batch of 2B.
 
@@ -81,6 +82,10 @@ class NoisePredictionGuidance(nn.Module):
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         return ((x + 1) / 2).clamp(0, 1)
 
+    def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
+        """A render of latents [B, C, H, W] → the model's latent size (latent models only)."""
+        raise ValueError(f"{type(self).__name__} works in pixels; it has no latents to render")
+
     def predict_noise(
         self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[Any], cameras: Cameras | None
     ) -> torch.Tensor:
@@ -95,9 +100,10 @@ class NoisePredictionGuidance(nn.Module):
         step_ratio: float,
         cameras: Cameras | None = None,
         generator: torch.Generator | None = None,
+        rgb_as_latents: bool = False,  # `rgb` holds latents (Latent-NeRF warm-up), not colours
     ) -> GuidanceOutput:
         sds = self.sds
-        x = self.encode_images(rgb)
+        x = self.latents_from_render(rgb) if rgb_as_latents else self.encode_images(rgb)
         b = x.shape[0]
         # 1. Timestep and noise.
         bounds = diffusion.timestep_bounds(

@@ -20,12 +20,13 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sds3d.cameras import CameraConfig, Cameras
@@ -199,6 +200,29 @@ class DiffusersGuidance(NoisePredictionGuidance):
         latents = self._vae_encode(x.to(self.dtype)).latent_dist.mean
         return latents.float() * float(self.vae.config.scaling_factor)
 
+    def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise UserError(
+                f"{self.config.model or 'this model'} works in pixels (no VAE): the latent warm-up needs a latent model"
+            )
+        return resize_to(latents, int(self.unet.config.sample_size))
+
+    @torch.no_grad()
+    def latent_rgb_maps(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Affine maps between this VAE's scaled latents and RGB in [0, 1], fitted by least squares
+        (`fit_latent_rgb_maps`): latent→RGB [C + 1, 3] and RGB→latent [4, C]."""
+        if self.vae is None:
+            raise UserError(
+                f"{self.config.model or 'this model'} works in pixels (no VAE): the latent warm-up needs a latent model"
+            )
+        vae, device = self.vae, next(self.vae.parameters()).device
+
+        def encode(rgb: torch.Tensor) -> torch.Tensor:  # the plain encoder: no compiled graph for this batch
+            latents = vae.encode((rgb * 2 - 1).to(device, self.dtype)).latent_dist.mean
+            return latents.float().cpu() * float(vae.config.scaling_factor)
+
+        return fit_latent_rgb_maps(encode, self.image_size, self.vae_scale, generator=generator)
+
     @torch.no_grad()
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -231,6 +255,33 @@ class DiffusersGuidance(NoisePredictionGuidance):
             abar = self.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
             out = abar.sqrt() * out + (1 - abar).sqrt() * x_t
         return out
+
+
+def fit_latent_rgb_maps(
+    encode: Callable[[torch.Tensor], torch.Tensor],  # [B, 3, S, S] in [0, 1] → latents [B, C, S/f, S/f]
+    image_size: int,
+    scale: int,  # f, pixels per latent cell
+    images: int = 4,
+    blocks: int = 8,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares affine maps between latents and colours, from `images` pictures of
+    `blocks`×`blocks` random solid colour squares: each latent cell is paired with the mean colour
+    of the pixels it covers. Returns latent→RGB [C + 1, 3] (rgb ≈ z·M + c) and RGB→latent [4, C]
+    (z ≈ rgb·P + q), the last rows the offsets. Exact when `encode` is itself affine per cell;
+    for Stable Diffusion's VAE it is the linear latent preview Latent-NeRF uses, fitted rather
+    than typed in, so it holds for any VAE."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    colours = torch.rand(images, 3, blocks, blocks, generator=g)
+    rgb = F.interpolate(colours, size=(image_size, image_size), mode="nearest")
+    z = encode(rgb)  # [B, C, h, w]
+    cells = F.avg_pool2d(rgb, scale)  # the colour under each latent cell
+    z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    rgb_flat = cells.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    ones = torch.ones(z_flat.shape[0], 1, dtype=torch.float64)
+    to_rgb = torch.linalg.lstsq(torch.cat([z_flat, ones], 1), rgb_flat).solution
+    to_latent = torch.linalg.lstsq(torch.cat([rgb_flat, ones], 1), z_flat).solution
+    return to_rgb.float(), to_latent.float()
 
 
 @contextlib.contextmanager

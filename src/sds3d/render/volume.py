@@ -8,6 +8,8 @@ Rays that miss the cube get no samples and show the background exactly.
 Shading, per sample (DreamFusion §3.1): `albedo` (c = ρ), `lambertian`
 (c = ρ·(a + (1 − a)·max(0, n·l))) and `textureless` (the same with ρ := white), with a point light
 near the camera (threestudio's `dreamfusion` light sampling). Outputs are [B, C, H, W].
+With `latent=True` the field's and background's latent heads are composited instead of the albedo
+(Latent-NeRF warm-up; `albedo` shading only): `rgb` then holds C latent channels.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class VolumeRendererConfig:
 
 @dataclass
 class RenderOutput:
-    rgb: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    rgb: torch.Tensor  # [B, 3, H, W] in [0, 1]; [B, C, H, W] latents when rendered with latent=True
     opacity: torch.Tensor  # [B, 1, H, W]
     depth: torch.Tensor  # [B, 1, H, W], expected ray distance Σ w_i t_i (0 where empty)
     normal: torch.Tensor | None  # [B, 3, H, W], composited world normals, or None
@@ -122,20 +124,20 @@ def shade(
 
 def _shade_and_composite(
     density: torch.Tensor,  # [R, N]
-    albedo: torch.Tensor,  # [R, N, 3]
+    albedo: torch.Tensor,  # [R, N, C]: C = 3, or the latent channels
     hit: torch.Tensor,  # [R]
     sample_normals: torch.Tensor | None,  # [R, N, 3]
     points: torch.Tensor,  # [R, N, 3]
     t: torch.Tensor,  # [R, N]
     deltas: torch.Tensor,  # [R, N]
-    bg: torch.Tensor,  # [R, 3]
+    bg: torch.Tensor,  # [R, C]
     light_positions: torch.Tensor | None,  # [B, 3]
     pixels_per_image: int,
     shading: Shading,
     ambient: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Per-ray colour, opacity, depth and normal from the field's samples: shading, compositing
-    and the background. (rgb [R, 3], opacity [R, 1], depth [R, 1], normal [R, 3] or None,
+    and the background. (rgb [R, C], opacity [R, 1], depth [R, 1], normal [R, 3] or None,
     weights [R, N], density [R, N])."""
     density = density * hit[:, None]
     lights = (
@@ -146,8 +148,9 @@ def _shade_and_composite(
     color = shade(albedo, sample_normals, points, lights, shading, ambient)
     extras = [t[..., None]] + ([sample_normals] if sample_normals is not None else [])
     feats, weights = composite(density, torch.cat([color] + extras, dim=-1), deltas)
-    rgb_fg, depth = feats[:, :3], feats[:, 3:4]
-    normal = feats[:, 4:7] if sample_normals is not None else None
+    c = color.shape[-1]
+    rgb_fg, depth = feats[:, :c], feats[:, c : c + 1]
+    normal = feats[:, c + 1 : c + 4] if sample_normals is not None else None
     opacity = weights.sum(dim=1, keepdim=True)
     return rgb_fg + (1 - opacity) * bg, opacity, depth, normal, weights, density
 
@@ -170,7 +173,10 @@ def render(
     normals_create_graph: bool = False,
     random_background: bool = True,
     generator: torch.Generator | None = None,
+    latent: bool = False,
 ) -> RenderOutput:
+    if latent and shading != "albedo":
+        raise ValueError("latents are rendered unshaded (albedo shading)")
     b, h, w = len(cameras), cameras.height, cameras.width
     origins, dirs = camera_rays(cameras)
     rays_o, rays_d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
@@ -196,24 +202,26 @@ def render(
     if torch.is_grad_enabled():
         if normals_needed:
             # Shading trains the geometry through its normals (DreamFusion), so it keeps their graph.
-            field, n = nerf.normals(flat, create_graph=normals_create_graph or shading != "albedo")
+            field, n = nerf.normals(
+                flat, create_graph=normals_create_graph or shading != "albedo", latent=latent
+            )
             sample_normals = n.reshape(r, num_samples, 3)
         else:
-            field = nerf(flat)
+            field = nerf(flat, latent)
     else:  # inference: chunks that stay in cache are about twice as fast on a CPU
         fields, normals = [], []
         for i in range(0, flat.shape[0], INFERENCE_CHUNK):
             chunk = flat[i : i + INFERENCE_CHUNK]
             if normals_needed:  # autograd of the density, chunk by chunk, nothing kept
-                part, n = nerf.normals(chunk, create_graph=False)
+                part, n = nerf.normals(chunk, create_graph=False, latent=latent)
                 fields.append(DensityAlbedo(part.density.detach(), part.albedo.detach()))
                 normals.append(n.detach())
             else:
-                fields.append(nerf(chunk))
+                fields.append(nerf(chunk, latent))
         field = DensityAlbedo(torch.cat([f.density for f in fields]), torch.cat([f.albedo for f in fields]))
         if normals_needed:
             sample_normals = torch.cat(normals).reshape(r, num_samples, 3)
-    bg = background(dirs, generator=generator, random=random_background).reshape(-1, 3)
+    bg = background(dirs, generator=generator, random=random_background, latent=latent).reshape(r, -1)
     # 3. Shade and composite: one fused region fore and aft when the NeRF is compiled (training).
     tail = (
         _shade_and_composite_compiled
@@ -221,7 +229,7 @@ def render(
         else _shade_and_composite
     )
     rgb, opacity, depth, normal, weights, density = tail(
-        field.density.reshape(r, num_samples), field.albedo.reshape(r, num_samples, 3), hit, sample_normals,
+        field.density.reshape(r, num_samples), field.albedo.reshape(r, num_samples, -1), hit, sample_normals,
         points, t, deltas, bg, light_positions, h * w, shading, ambient,
     )  # fmt: skip
 
