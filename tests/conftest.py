@@ -117,6 +117,49 @@ def build_tiny_sd_pipeline(out, seed: int = 0, prediction_type: str = "epsilon")
     return out
 
 
+def build_tiny_sdxl_pipeline(out, seed: int = 0):
+    """A random-weight folder of SDXL's layout at toy size: two CLIP tokenizers and encoders (the
+    second with a projection, whose pooled output conditions the U-Net with the size ids), a U-Net
+    with `text_time` added conditioning, an upcasting VAE, and `force_zeros_for_empty_prompt`."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sds3d.world.tokenizer import write_world_tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(out / "tokenizer"))
+    write_world_tokenizer(out / "tokenizer_2")
+    text = dict(vocab_size=len(tokenizer), intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16)  # fmt: skip
+    CLIPTextModel(CLIPTextConfig(hidden_size=16, **text)).save_pretrained(out / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=12, **text)).save_pretrained(
+        out / "text_encoder_2"
+    )
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  layers_per_block=1, sample_size=16, scaling_factor=0.13025, force_upcast=True).save_pretrained(out / "vae")  # fmt: skip
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16 + 24,
+                         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 12,
+                         norm_num_groups=8).save_pretrained(out / "unet")  # fmt: skip
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False).save_pretrained(out / "scheduler")  # fmt: skip
+    _save_index(out, {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})  # fmt: skip
+    index = json.loads((out / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
 def build_tiny_if_pipeline(out, seed: int = 0):
     """A random-weight folder of DeepFloyd IF stage I's layout at toy size: T5EncoderModel, a pixel
     U-Net with a text projection, text-pooled time embedding and learned variance (6 output
@@ -151,6 +194,11 @@ def build_tiny_if_pipeline(out, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_sd_model(tmp_path_factory):
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,64 @@ def test_v_prediction_models_are_converted_to_epsilon(tmp_path):
     assert torch.allclose(eps, abar.sqrt() * v + (1 - abar).sqrt() * x_t, atol=1e-5)
 
 
+def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
+    """SDXL through the same guidance: text embeddings equal `StableDiffusionXLPipeline.encode_prompt`'s
+    (zeros for the empty negative), the size ids equal the pipeline's, and the SDS gradient equals an
+    independent computation from diffusers' pieces; a run trains, with a latent warm-up step."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sds3d.representations.nerf import LatentWarmupConfig
+
+    scale = 7.5
+    guidance = _guidance(tiny_sdxl_model, sds=SDSConfig(guidance_scale=scale))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+    cond, uncond = guidance.encode_prompt("a red cube"), guidance.encode_prompt("")
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+        "a red cube", device="cpu", num_images_per_prompt=1
+    )
+    assert cond.hidden.shape == (16, 16 + 24) and cond.pooled.shape == (12,)
+    assert torch.allclose(cond.hidden, embeds[0], atol=1e-6) and torch.allclose(
+        cond.pooled, pooled[0], atol=1e-6
+    )
+    assert not neg_embeds.any() and not neg_pooled.any()  # force_zeros_for_empty_prompt
+    assert not uncond.hidden.any() and not uncond.pooled.any()
+    time_ids = pipe._get_add_time_ids(
+        (16, 16), (0, 0), (16, 16), dtype=torch.float32, text_encoder_projection_dim=12
+    )  # fmt: skip
+    assert torch.equal(guidance.add_time_ids, time_ids[0])
+
+    rgb = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = guidance(rgb, [cond] * 2, [uncond] * 2, 0.3, generator=torch.Generator().manual_seed(1))
+    (ours,) = torch.autograd.grad(out.loss, rgb)
+    leaf = rgb.detach().requires_grad_(True)
+    image = F.interpolate(leaf, size=(16, 16), mode="bilinear", antialias=True) * 2 - 1
+    latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
+    t, noise = out.timesteps, out.noise
+    x_t = pipe.scheduler.add_noise(latents.detach(), noise, t)
+    added = {"time_ids": time_ids.expand(2, -1)}
+    with torch.no_grad():
+        e_u = pipe.unet(
+            x_t,
+            t,
+            neg_embeds.expand(2, -1, -1),
+            added_cond_kwargs={**added, "text_embeds": neg_pooled.expand(2, -1)},
+        ).sample
+        e_c = pipe.unet(
+            x_t, t, embeds.expand(2, -1, -1), added_cond_kwargs={**added, "text_embeds": pooled.expand(2, -1)}
+        ).sample
+    w = (1 - pipe.scheduler.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    (expected,) = torch.autograd.grad((latents * w * (e_u + scale * (e_c - e_u) - noise) / 2).sum(), leaf)
+    assert ours.abs().sum() > 0 and torch.allclose(ours, expected, atol=1e-6, rtol=1e-4)
+
+    config = dataclasses.replace(
+        tiny_diffusers_run(tiny_sdxl_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=1)
+    )
+    run = train(config, tmp_path, progress=False)
+    assert run.steps_done == 2 and run.final_losses["grad_norm"] > 0
+    half = _guidance(tiny_sdxl_model, dtype="float16")  # SDXL's VAE overflows in float16: kept in float32
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+
+
 def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
     guidance = _guidance(tiny_if_model, sds=SDSConfig(guidance_scale=20.0))
     assert guidance.vae is None and type(guidance.text_encoder).__name__ == "T5EncoderModel"
@@ -179,7 +237,9 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
         .read_text()
         .startswith("# SDS step against its floor (eager, analytic normals")
     )
-    # The latent warm-up's step: no VAE encoder inside it, and the U-Net pair alone as its floor.
+    # The latent warm-up's step: no VAE encoder inside it, and the U-Net pair alone as its floor
+    # (on the SDXL layout: two text encoders, pooled text and size conditioning).
+    args[3] = "tiny-sdxl"
     assert main([*args, "--rgb-as-latents", "--out", str(tmp_path), "--name", "latent"]) == 0
     (row,) = json.loads((tmp_path / "latent.json").read_text())["results"]
     assert row["rgb_as_latents"] and "vae_encode" not in row["phases_ms"] and row["phases_ms"]["unet"] > 0

@@ -1,7 +1,7 @@
 """`sds3d bench speed`: one SDS step against its floor, for a published architecture with random
 weights (timing does not depend on the weights, and nothing is downloaded).
 
-    sds3d bench speed --arch sd15|sd21|builtin [--device cuda] [--compile] [--out benchmarks]
+    sds3d bench speed --arch sd15|sd21|sdxl|builtin [--device cuda] [--compile] [--out benchmarks]
 
 The real training loop (`train.train`, the fast-sd preset's NeRF, renderer and SDS settings, 64×64
 renders) runs with a `DiffusersGuidance` built from the architecture's published config. Reported:
@@ -45,8 +45,8 @@ _SD_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_
             "block_out_channels": (320, 640, 1280, 1280),
             "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}  # fmt: skip
-# Published configs: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1-base
-# (unet/, vae/, text_encoder/ config.json).
+# Published configs: runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1-base and
+# stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/, text_encoder/, text_encoder_2/ config.json).
 ARCHS: dict[str, dict[str, Any]] = {
     "sd15": {
         "unet": {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
@@ -60,6 +60,35 @@ ARCHS: dict[str, dict[str, Any]] = {
         "vae": SD_VAE,
         "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
                  "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512},
+    },
+    "sdxl": {
+        "unet": {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+                 "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+                 "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
+                 "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": 2816},
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280},
+    },
+    "tiny-sdxl": {  # the SDXL layout at toy size (tests)
+        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32),
+                 "layers_per_block": 1, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 16 + 24,
+                 "attention_head_dim": (2, 4), "use_linear_projection": True, "addition_embed_type": "text_time",
+                 "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 8 * 6 + 12,
+                 "norm_num_groups": 8},
+        "vae": {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2, "latent_channels": 4, "norm_num_groups": 4,
+                "layers_per_block": 1, "sample_size": 16, "force_upcast": True},
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "max_position_embeddings": 16},
+        "text_2": {"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "max_position_embeddings": 16, "projection_dim": 12},
     },
     "tiny-sd": {  # the SD layout at toy size: 16×16 images ↔ 8×8 latents (tests)
         "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32),
@@ -76,11 +105,11 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 def build_components(arch: str, tokenizer_dir: Path) -> dict[str, Any]:
-    """Random-weight scheduler config, tokenizer, CLIP text encoder, U-Net and VAE of `arch`.
-    The tokenizer is the world's CLIP tokenizer (written to `tokenizer_dir`), padded to the text
-    encoder's length."""
+    """Random-weight scheduler config, tokenizer, CLIP text encoder, U-Net and VAE of `arch` (and
+    SDXL's second tokenizer and projected text encoder). The tokenizer is the world's CLIP tokenizer
+    (written to `tokenizer_dir`), padded to the text encoder's length."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sds3d.world.tokenizer import write_world_tokenizer
 
@@ -88,13 +117,20 @@ def build_components(arch: str, tokenizer_dir: Path) -> dict[str, Any]:
     length = int(spec["text"]["max_position_embeddings"])
     tokenizer = CLIPTokenizer.from_pretrained(write_world_tokenizer(tokenizer_dir, model_max_length=length))
     vocab = max(len(tokenizer), 49408) if length == 77 else len(tokenizer)
-    return {
+    components = {
         "scheduler_config": DDPMScheduler.from_config(SD_SCHEDULER).config,
         "tokenizer": tokenizer,
         "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **spec["text"])),
         "unet": UNet2DConditionModel(**spec["unet"]),
         "vae": AutoencoderKL(**spec["vae"]),
     }
+    if "text_2" in spec:  # SDXL (its model_index.json says force_zeros_for_empty_prompt: true)
+        components["tokenizer_2"] = tokenizer
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(vocab_size=vocab, **spec["text_2"])
+        )
+        components["force_zeros_for_empty_prompt"] = True
+    return components
 
 
 class Clock:

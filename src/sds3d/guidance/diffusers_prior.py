@@ -1,14 +1,19 @@
 """A text-conditioned diffusers `UNet2DConditionModel` pipeline as the prior: a diffusers-format
 folder or hub id with `model_index.json`, `scheduler/`, `tokenizer/`, `text_encoder/`, `unet/` and,
 for latent models, `vae/`, loaded with `from_pretrained` and the classes `model_index.json` names,
-the same code path for every such model: Stable Diffusion 1.x/2.x (latent, CLIP), DeepFloyd IF
-stage I (pixels, T5) and sds3d's own prior (pixels, CLIP, camera-conditioned).
+the same code path for every such model: Stable Diffusion 1.x/2.x (latent, CLIP), SDXL (latent, two
+CLIP encoders, pooled embedding and size conditioning), DeepFloyd IF stage I (pixels, T5) and
+sds3d's own prior (pixels, CLIP, camera-conditioned).
 
 Images: the render [0, 1] is resized to the model's image size and mapped to [−1, 1]; latent models
 then encode it with the VAE, with gradient (the posterior mean × `vae.config.scaling_factor`), so
 SDS runs in latent space and its gradient flows back through the encoder to the render.
 Text: the tokenizer pads to its `model_max_length`; the embedding is the text encoder's last hidden
-state, computed once per text (prompts.PromptProcessor caches it).
+state, computed once per text (prompts.PromptProcessor caches it). SDXL (a `text_encoder_2` in
+`model_index.json`), as `StableDiffusionXLPipeline.encode_prompt`: both encoders' penultimate hidden
+states side by side, plus the second encoder's pooled projection, an `SDXLEmbedding`; the empty
+(negative) text is zeros when the pipeline says `force_zeros_for_empty_prompt`. The U-Net also gets
+the size conditioning (original size, crop (0, 0), target size), all the model's image size.
 ε: `unet(x_t, t, encoder_hidden_states).sample`; a U-Net that also predicts a variance (IF:
 out_channels = 2·in_channels) has its first half taken; v-prediction models (SD 2.x at 768) are
 converted, ε = √ᾱ_t v + √(1−ᾱ_t) x_t.
@@ -63,6 +68,14 @@ class DiffusersGuidanceConfig:
         return DiffusersGuidance(self)
 
 
+@dataclass
+class SDXLEmbedding:
+    """One text for SDXL: its token embeddings and its pooled embedding."""
+
+    hidden: torch.Tensor  # [L, D₁ + D₂]: both encoders' penultimate hidden states, concatenated
+    pooled: torch.Tensor  # [P]: the second encoder's projected pooled output
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
 
@@ -113,7 +126,9 @@ def read_model_index(model: str) -> dict[str, Any]:
 
 class DiffusersGuidance(NoisePredictionGuidance):
     """Any text-conditioned `UNet2DConditionModel` pipeline: pixel space (IF stage I, sds3d's prior)
-    or latent space when the folder has a `vae` (Stable Diffusion 1.x/2.x, SD-Turbo)."""
+    or latent space when the folder has a `vae` (Stable Diffusion 1.x/2.x, SD-Turbo, SDXL)."""
+
+    add_time_ids: torch.Tensor  # [6], a buffer: SDXL's size conditioning
 
     def __init__(self, config: DiffusersGuidanceConfig, components: dict[str, Any] | None = None):
         """Loads `config.model` with `from_pretrained`, or takes ready `components` (scheduler_config,
@@ -135,17 +150,31 @@ class DiffusersGuidance(NoisePredictionGuidance):
             )
         self.tokenizer = components["tokenizer"]
         self.text_encoder: nn.Module | None = components["text_encoder"]
+        # SDXL's second tokenizer and encoder (CLIPTextModelWithProjection), else None.
+        self.tokenizer_2 = components.get("tokenizer_2")
+        self.text_encoder_2: nn.Module | None = components.get("text_encoder_2")
+        self.force_zeros_for_empty_prompt = bool(components.get("force_zeros_for_empty_prompt", False))
         self.unet = components["unet"]
         self.vae = components.get("vae")
+        # A VAE that overflows in float16 (SDXL's: `force_upcast`) runs in float32, as diffusers does.
+        upcast = (
+            self.vae is not None
+            and dtype == torch.float16
+            and bool(getattr(self.vae.config, "force_upcast", False))
+        )
+        self.vae_dtype = torch.float32 if upcast else dtype
         with quiet_loading():
-            for module in (self.text_encoder, self.unet, self.vae):
-                if module is not None:
-                    module.to(dtype).eval().requires_grad_(
-                        False
-                    )  # frozen: SDS trains the scene, never the prior
+            for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
+                if module is not None:  # frozen: SDS trains the scene, never the prior
+                    module.to(self.vae_dtype if module is self.vae else dtype).eval().requires_grad_(False)
         # Latent models: the render is resized to the VAE's input size (e.g. 512 for SD 1.5).
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.image_size = int(self.unet.config.sample_size) * self.vae_scale
+        # SDXL's size conditioning: original size, crop top-left, target size (StableDiffusionXLPipeline).
+        size = float(self.image_size)
+        self.register_buffer(
+            "add_time_ids", torch.tensor([size, size, 0.0, 0.0, size, size]), persistent=False
+        )
         if config.channels_last:
             for module in (self.unet, self.vae):
                 if module is not None:
@@ -168,25 +197,51 @@ class DiffusersGuidance(NoisePredictionGuidance):
                 "pass --model for another diffusers model"
             )
 
+    @staticmethod
+    def _tokens(tokenizer: Any, text: str) -> Any:
+        return tokenizer(
+            text,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+
     @torch.no_grad()
-    def encode_prompt(self, text: str) -> torch.Tensor:
+    def encode_prompt(self, text: str) -> torch.Tensor | SDXLEmbedding:
         if self.config.model in BUILTIN_MODELS:
             self._check_builtin_vocabulary(text)
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was released; every text must be encoded before")
-        tokens = self.tokenizer(
-            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        )  # fmt: skip
+        if self.text_encoder_2 is not None:
+            return self._encode_prompt_sdxl(text)
+        tokens = self._tokens(self.tokenizer, text)
         device = next(self.text_encoder.parameters()).device
         kwargs = {}
         if "T5" in type(self.text_encoder).__name__:  # IF: T5 sees its attention mask (as IFPipeline)
             kwargs["attention_mask"] = tokens.attention_mask.to(device)
         return self.text_encoder(tokens.input_ids.to(device), **kwargs)[0][0]  # [L, D]
 
+    def _encode_prompt_sdxl(self, text: str) -> SDXLEmbedding:
+        hidden, pooled = [], None
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            assert encoder is not None
+            ids = self._tokens(tokenizer, text).input_ids.to(next(encoder.parameters()).device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2][0])
+            pooled = out[0][0]  # the second encoder's: its projected pooled output (text_embeds)
+        assert pooled is not None
+        embedding = SDXLEmbedding(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
+        if self.force_zeros_for_empty_prompt and not text:
+            return SDXLEmbedding(torch.zeros_like(embedding.hidden), torch.zeros_like(embedding.pooled))
+        return embedding
+
     def release_text_encoder(self) -> None:
-        """Free the text encoder once every embedding exists (T5-XXL alone is 9 GB in fp16)."""
-        self.text_encoder = None
+        """Free the text encoders once every embedding exists (T5-XXL alone is 9 GB in fp16)."""
+        self.text_encoder = self.text_encoder_2 = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -197,7 +252,7 @@ class DiffusersGuidance(NoisePredictionGuidance):
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # The posterior mean (deterministic), scaled to unit variance as the U-Net was trained.
-        latents = self._vae_encode(x.to(self.dtype)).latent_dist.mean
+        latents = self._vae_encode(x.to(self.vae_dtype)).latent_dist.mean
         return latents.float() * float(self.vae.config.scaling_factor)
 
     def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
@@ -218,7 +273,7 @@ class DiffusersGuidance(NoisePredictionGuidance):
         vae, device = self.vae, next(self.vae.parameters()).device
 
         def encode(rgb: torch.Tensor) -> torch.Tensor:  # the plain encoder: no compiled graph for this batch
-            latents = vae.encode((rgb * 2 - 1).to(device, self.dtype)).latent_dist.mean
+            latents = vae.encode((rgb * 2 - 1).to(device, self.vae_dtype)).latent_dist.mean
             return latents.float().cpu() * float(vae.config.scaling_factor)
 
         return fit_latent_rgb_maps(encode, self.image_size, self.vae_scale, generator=generator)
@@ -227,13 +282,28 @@ class DiffusersGuidance(NoisePredictionGuidance):
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return super().decode_images(x)
-        image = self.vae.decode((x / float(self.vae.config.scaling_factor)).to(self.dtype)).sample
+        image = self.vae.decode((x / float(self.vae.config.scaling_factor)).to(self.vae_dtype)).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     def predict_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor], cameras: Cameras | None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        embeddings: Sequence[torch.Tensor | SDXLEmbedding],
+        cameras: Cameras | None,
     ) -> torch.Tensor:
-        emb = torch.stack(list(embeddings)).to(device=x_t.device, dtype=self.dtype)
+        added_cond_kwargs = None
+        if isinstance(embeddings[0], SDXLEmbedding):  # SDXL: pooled text and size conditioning
+            sdxl = [e for e in embeddings if isinstance(e, SDXLEmbedding)]
+            emb = torch.stack([e.hidden for e in sdxl]).to(device=x_t.device, dtype=self.dtype)
+            added_cond_kwargs = {
+                "text_embeds": torch.stack([e.pooled for e in sdxl]).to(device=x_t.device, dtype=self.dtype),
+                "time_ids": self.add_time_ids.to(self.dtype).expand(x_t.shape[0], -1),
+            }
+        else:
+            emb = torch.stack([e for e in embeddings if isinstance(e, torch.Tensor)]).to(
+                x_t.device, self.dtype
+            )
         class_labels = None
         if self.unet.config.class_embed_type == "projection":  # camera-conditioned (sds3d's own prior)
             from sds3d.prior.model import CAMERA_DIM, camera_condition
@@ -246,7 +316,9 @@ class DiffusersGuidance(NoisePredictionGuidance):
         x_in = x_t.to(self.dtype)
         if self.config.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        out = self._unet(x_in, t, encoder_hidden_states=emb, class_labels=class_labels).sample
+        out = self._unet(
+            x_in, t, encoder_hidden_states=emb, class_labels=class_labels, added_cond_kwargs=added_cond_kwargs
+        ).sample
         channels = x_t.shape[1]
         if out.shape[1] == 2 * channels:  # learned variance (IF): keep ε
             out = out[:, :channels]
@@ -321,4 +393,12 @@ def _load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     if index.get("vae"):
         vae_lib, vae_cls = index["vae"]
         components["vae"] = load_component(model, "vae", vae_lib, vae_cls, torch_dtype=dtype)
+    if index.get("text_encoder_2"):  # SDXL
+        tok2_lib, tok2_cls = index.get("tokenizer_2", [tok_lib, tok_cls])
+        enc2_lib, enc2_cls = index["text_encoder_2"]
+        components["tokenizer_2"] = load_component(model, "tokenizer_2", tok2_lib, tok2_cls)
+        components["text_encoder_2"] = load_component(
+            model, "text_encoder_2", enc2_lib, enc2_cls, torch_dtype=dtype
+        )
+        components["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
     return components
