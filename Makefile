@@ -56,6 +56,9 @@ bench-gpu: $(STAMP)
 		--normals closed_form --steps 30 --warmup 15 --rgb-as-latents --out benchmarks --name speed_fast_sd_latent_warmup
 	$(PY) -m sds3d.cli bench speed --arch sd15 --compile --compile-mode reduce-overhead --nerf-compile \
 		--normals closed_form --steps 30 --warmup 15 --out benchmarks --name speed_fast_sd_same_lease
+	for l in "" --rgb-as-latents; do $(PY) -m sds3d.cli bench speed --arch sdxl --compile --compile-mode reduce-overhead \
+		--nerf-compile --normals closed_form --steps 30 --warmup 15 $$l --out benchmarks \
+		--name speed_fast_sdxl$$( [ -n "$$l" ] && echo _latent_warmup ); done
 	$(PY) scripts/prior_sampler_sweep.py --device cuda --out benchmarks
 	$(PY) -m sds3d.cli bench quality --quick --steps 400 --device cuda --out benchmarks --name quality_quick_h100
 	$(PY) -m sds3d.cli bench quality --quick --steps 800 --device cuda --out benchmarks --name quality_quick_800_h100
