@@ -156,9 +156,11 @@ class DiffusersGuidance(NoisePredictionGuidance):
         self.force_zeros_for_empty_prompt = bool(components.get("force_zeros_for_empty_prompt", False))
         self.unet = components["unet"]
         self.vae = components.get("vae")
-        # A VAE that overflows in float16 (SDXL's: `force_upcast`) runs in float32, as diffusers does.
+        # SDXL's VAE overflows in float16: with `force_upcast` it runs in float32, as diffusers' SDXL
+        # pipelines do (only they read the flag; AutoencoderKL defaults it to true for every VAE).
         upcast = (
             self.vae is not None
+            and self.text_encoder_2 is not None
             and dtype == torch.float16
             and bool(getattr(self.vae.config, "force_upcast", False))
         )
