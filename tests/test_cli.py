@@ -35,6 +35,7 @@ def _one_line_error(capsys, argv) -> str:
         (["generate", "a red cube", "--steps", "-3"], "must be positive"),
         (["generate", "a red cube", "--steps", "many"], "whole number"),
         (["generate", "a red cube", "--resume"], "--resume needs --out"),
+        (["generate", "a red cube", "--latent-warmup", "-1"], "--latent-warmup must be 0 or more"),
         (["export", "/nonexistent/run"], "not an sds3d run folder"),
         (["render", "/nonexistent/run"], "not an sds3d run folder"),
         (["bogus"], "invalid choice"),
