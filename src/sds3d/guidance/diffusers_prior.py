@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class DiffusersGuidance(NoisePredictionGuidance):
         # SDXL's size conditioning: original size, crop top-left, target size (StableDiffusionXLPipeline).
         size = float(self.image_size)
         self.register_buffer(
-            "add_time_ids", torch.tensor([size, size, 0.0, 0.0, size, size]), persistent=False
+            "add_time_ids", torch.tensor([size, size, 0.0, 0.0, size, size], dtype=dtype), persistent=False
         )
         if config.channels_last:
             for module in (self.unet, self.vae):
@@ -257,22 +257,23 @@ class DiffusersGuidance(NoisePredictionGuidance):
         latents = self._vae_encode(x.to(self.vae_dtype)).latent_dist.mean
         return latents.float() * float(self.vae.config.scaling_factor)
 
-    def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
+    def _require_vae(self) -> Any:  # the AutoencoderKL
         if self.vae is None:
             raise UserError(
                 f"{self.config.model or 'this model'} works in pixels (no VAE): the latent warm-up needs a latent model"
             )
+        return self.vae
+
+    def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
+        self._require_vae()
         return resize_to(latents, int(self.unet.config.sample_size))
 
     @torch.no_grad()
     def latent_rgb_maps(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Affine maps between this VAE's scaled latents and RGB in [0, 1], fitted by least squares
         (`fit_latent_rgb_maps`): latent→RGB [C + 1, 3] and RGB→latent [4, C]."""
-        if self.vae is None:
-            raise UserError(
-                f"{self.config.model or 'this model'} works in pixels (no VAE): the latent warm-up needs a latent model"
-            )
-        vae, device = self.vae, next(self.vae.parameters()).device
+        vae = self._require_vae()
+        device = next(vae.parameters()).device
 
         def encode(rgb: torch.Tensor) -> torch.Tensor:  # the plain encoder: no compiled graph for this batch
             latents = vae.encode((rgb * 2 - 1).to(device, self.vae_dtype)).latent_dist.mean
@@ -296,16 +297,14 @@ class DiffusersGuidance(NoisePredictionGuidance):
     ) -> torch.Tensor:
         added_cond_kwargs = None
         if isinstance(embeddings[0], SDXLEmbedding):  # SDXL: pooled text and size conditioning
-            sdxl = [e for e in embeddings if isinstance(e, SDXLEmbedding)]
+            sdxl = cast(Sequence[SDXLEmbedding], embeddings)
             emb = torch.stack([e.hidden for e in sdxl]).to(device=x_t.device, dtype=self.dtype)
             added_cond_kwargs = {
                 "text_embeds": torch.stack([e.pooled for e in sdxl]).to(device=x_t.device, dtype=self.dtype),
-                "time_ids": self.add_time_ids.to(self.dtype).expand(x_t.shape[0], -1),
+                "time_ids": self.add_time_ids.expand(x_t.shape[0], -1),
             }
         else:
-            emb = torch.stack([e for e in embeddings if isinstance(e, torch.Tensor)]).to(
-                x_t.device, self.dtype
-            )
+            emb = torch.stack(list(cast(Sequence[torch.Tensor], embeddings))).to(x_t.device, self.dtype)
         class_labels = None
         if self.unet.config.class_embed_type == "projection":  # camera-conditioned (sds3d's own prior)
             from sds3d.prior.model import CAMERA_DIM, camera_condition
