@@ -5,7 +5,8 @@
     result = sds3d.generate(config, "outputs/red-cube")   # train + mesh + turntable + summary
     print(result.files["glb"])
 
-`generate` = `train.train` then `export_run`; `export_run` re-exports any run folder.
+`generate` = `train.train` then `export_run`; `export_run` re-exports any run folder and
+`render_run` renders its turntable in another shading. Each holds the run folder's lock (runs.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,23 @@ from __future__ import annotations
 import json
 import platform
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sds3d import runs
 from sds3d.config import RunConfig
-from sds3d.export import extract_mesh, render_turntable, write_mesh, write_turntable
+from sds3d.export import (
+    Shading,
+    extract_mesh,
+    render_mesh_turntable,
+    render_turntable,
+    write_mesh,
+    write_turntable,
+)
 from sds3d.train import TrainOutput, load_scene, train
 
 SLUG_MAX_CHARS = 48
@@ -55,16 +65,40 @@ def software_versions() -> dict[str, str]:
         "sds3d": sds3d.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "diffusers": diffusers.__version__, "numpy": numpy.__version__, "trimesh": str(trimesh.__version__),
         "platform": platform.platform(),
-    }  # fmt: skip
+    } | git_commit()  # fmt: skip
+
+
+def git_commit() -> dict[str, str]:
+    """{"git_commit": sha[, "git_dirty": "true"]} when sds3d runs from a git checkout, else {}."""
+    import sds3d
+
+    source = Path(sds3d.__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=source, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {}
+        info = {"git_commit": head.stdout.strip()}
+        if run("status", "--porcelain", "--untracked-files=no").stdout.strip():
+            info["git_dirty"] = "true"
+        return info
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return {}
 
 
 def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
     """Mesh (glb, ply, obj) and turntable (gif, mp4 with imageio-ffmpeg) of a run's last checkpoint."""
     run_dir = Path(run_dir)
+    with runs.locked(run_dir):
+        return _export_run(run_dir, device)
+
+
+def _export_run(run_dir: Path, device: str) -> dict[str, Path]:
     config, scene, step = load_scene(run_dir, device)
     mesh = extract_mesh(scene.nerf, scene.background, config.export)
     files: dict[str, Path] = dict(write_mesh(mesh, run_dir))
-    for path in write_turntable(render_turntable(scene.nerf, scene.background, config.export), run_dir):
+    frames = render_mesh_turntable(mesh, config.export)
+    for path in write_turntable(frames, run_dir, config.export.turntable_fps):
         files[path.suffix.lstrip(".")] = path
     mesh_info = {
         "step": step, "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
@@ -74,12 +108,35 @@ def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
     return files
 
 
-def generate(
-    config: RunConfig, run_dir: Path | str, resume: bool = False, progress: bool = True
-) -> GenerateOutput:
-    """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it)."""
+def render_run(run_dir: Path | str, shading: Shading = "albedo", device: str = "cpu") -> list[Path]:
+    """Turntable (gif, mp4) of a run's last checkpoint in `shading`, in `run_dir/render-<shading>/`."""
     run_dir = Path(run_dir)
-    result = train(config, run_dir, resume=resume, progress=progress)
+    with runs.locked(run_dir):
+        config, scene, _ = load_scene(run_dir, device)
+        out = run_dir / f"render-{shading}"
+        out.mkdir(exist_ok=True)
+        frames = render_turntable(scene.nerf, scene.background, config.export, shading)
+        return write_turntable(frames, out, config.export.turntable_fps)
+
+
+def generate(
+    config: RunConfig,
+    run_dir: Path | str,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> GenerateOutput:
+    """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it).
+    `overwrite` replaces an earlier sds3d run in `run_dir` (only what sds3d wrote there)."""
+    run_dir = Path(run_dir)
+    with runs.locked(run_dir, create=not resume):
+        return _generate(config, run_dir, resume, progress, overwrite)
+
+
+def _generate(
+    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool
+) -> GenerateOutput:
+    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite)
     out = GenerateOutput(run_dir=run_dir, train=result)
     if result.interrupted:
         return out

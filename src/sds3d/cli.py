@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 2**64 - 1:  # torch.Generator takes a 64-bit unsigned seed
+        raise argparse.ArgumentTypeError(f"must be in 0…2^64−1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sds3d.config import GUIDANCE_KINDS, PRESETS
 
@@ -49,14 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
             "DeepFloyd IF or another diffusers U-Net pipeline; see `sds3d presets` for their recipes."
         ),
     )
-    g.add_argument("prompt")
-    g.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)} (default: default)")
+    g.add_argument("prompt", nargs="?", help="the text (optional with --config: the config's prompt)")
+    g.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: default)")
+    g.add_argument(
+        "--config", type=Path, metavar="CONFIG_JSON",
+        help="re-run a run's config.json (e.g. outputs/RUN/config.json) in a new --out; other flags override it",
+    )  # fmt: skip
     g.add_argument("--prior", help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
     g.add_argument(
         "--model", help="diffusers folder or hub id of the diffusers prior (implies --prior diffusers)"
     )
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
-    g.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
+    g.add_argument("--seed", type=_seed, help="random seed, 0…2^64−1 (default: the preset's, 0)")
     g.add_argument(
         "--latent-warmup", type=int, metavar="STEPS",
         help="render latents for the first STEPS steps (Latent-NeRF; threestudio's rgb_as_latents): "
@@ -98,20 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace):
-    from sds3d.config import GUIDANCE_KINDS, DiffusersGuidanceConfig, load_config, preset
+    from sds3d.config import GUIDANCE_KINDS, DiffusersGuidanceConfig, check_config, load_config, preset
+    from sds3d.devices import check_device
     from sds3d.prompts import validate_prompt
 
-    prompt = validate_prompt(args.prompt)
+    if args.config is not None and (args.resume or args.preset):
+        raise UserError(f"--config cannot be combined with {'--resume' if args.resume else '--preset'}")
+    if args.prompt is None and args.config is None and not args.resume:
+        raise UserError("the following arguments are required: prompt")
+    prompt = None if args.prompt is None else validate_prompt(args.prompt)
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out RUN_DIR, the folder of the run to continue")
         if not (args.out / "config.json").is_file():
             raise UserError(f"nothing to resume in {args.out}: no config.json")
         config = load_config(args.out / "config.json")
-        if config.prompt != prompt:
+        if prompt is not None and config.prompt != prompt:
             raise UserError(f"{args.out} is a run for {config.prompt!r}, not {prompt!r}")
     else:
-        config = dataclasses.replace(preset(args.preset), prompt=prompt)
+        if args.config is not None:
+            config = load_config(args.config)
+            config.prompt = validate_prompt(prompt or config.prompt)
+        else:
+            assert prompt is not None  # checked above
+            config = dataclasses.replace(preset(args.preset or "default"), prompt=prompt)
         prior = args.prior or ("diffusers" if args.model else None)
         if prior is not None:
             if prior not in GUIDANCE_KINDS:
@@ -139,23 +162,20 @@ def _resolve_config(args: argparse.Namespace):
         config.steps = args.steps
     if args.device is not None:
         config.device = args.device
-    return config
+    check_device(config.device)
+    return check_config(config)
 
 
-def _prepare_run_dir(args: argparse.Namespace, prompt: str) -> Path:
+def _run_dir(args: argparse.Namespace, prompt: str) -> Path:
+    """The run folder, checked before the prior loads (train.py checks again, under the lock)."""
+    from sds3d import runs
     from sds3d.api import default_run_dir
 
     run_dir = args.out if args.out is not None else default_run_dir(prompt)
-    if args.resume:
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise UserError(
-                f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is not an sds3d run folder (no config.json); refusing to delete it")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a run folder")
+    if not args.resume and run_dir.is_dir():
+        runs.check_new_run(run_dir, args.overwrite)
     return run_dir
 
 
@@ -163,11 +183,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sds3d.api import generate
 
     config = _resolve_config(args)
-    run_dir = _prepare_run_dir(args, config.prompt)
+    run_dir = _run_dir(args, config.prompt)
     print(
         f"sds3d: {config.prompt!r}, preset {config.preset}, {config.steps} steps, seed {config.seed} -> {run_dir}"
     )
-    out = generate(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    out = generate(
+        config, run_dir, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite
+    )
     if out.train.interrupted:
         print(
             f"sds3d: interrupted at step {out.train.steps_done}/{config.steps}; checkpoint saved. Continue with:\n"
@@ -193,14 +215,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from sds3d.export import render_turntable, write_turntable
-    from sds3d.train import load_scene
+    from sds3d.api import render_run
 
-    config, scene, _ = load_scene(args.run_dir)
-    frames = render_turntable(scene.nerf, scene.background, config.export, shading=args.shading)
-    out = args.run_dir / f"render-{args.shading}"
-    out.mkdir(exist_ok=True)
-    for path in write_turntable(frames, out):
+    for path in render_run(args.run_dir, args.shading):
         print(path)
     return 0
 

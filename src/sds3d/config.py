@@ -7,14 +7,16 @@ their `kind` field. Presets are `RunConfig`s built with `dataclasses.replace`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from sds3d.cameras import CameraConfig
 from sds3d.errors import UserError
@@ -199,44 +201,128 @@ def to_dict(config: Any) -> Any:
 
 
 def from_dict(cls: Any, data: Any) -> Any:
-    """Rebuild a config dataclass tree from `to_dict` output, guided by the type hints."""
-    return _convert(cls, data)
+    """Rebuild a config dataclass tree from `to_dict` output, guided by the type hints. A value of
+    the wrong type is a `ConfigError` naming its field; missing fields keep their defaults, and
+    unknown ones are refused (a typo would otherwise be ignored)."""
+    return _convert(cls, data, "config")
 
 
-def _convert(tp: Any, value: Any) -> Any:
+class ConfigError(UserError):
+    """A config.json field with a value of the wrong type."""
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if tp is Any or value is None:
+    if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, not {_show(value)}")
         hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"{where} has an unknown field {unknown[0]!r}")
         kwargs = {
-            f.name: _convert(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value
+            name: _convert(hints[name], value[name], f"{where}.{name}") for name in names if name in value
         }
         return typing.cast(Any, tp)(**kwargs)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        if isinstance(value, dict) and "kind" in value and value["kind"] in GUIDANCE_KINDS:
-            return _convert(GUIDANCE_KINDS[value["kind"]], value)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, dict) and "kind" in value and any(a in GUIDANCE_KINDS.values() for a in args):
+            if value["kind"] not in GUIDANCE_KINDS:
+                raise ConfigError(
+                    f"{where}.kind must be one of {', '.join(GUIDANCE_KINDS)}, not {_show(value['kind'])}"
+                )
+            return _convert(GUIDANCE_KINDS[value["kind"]], value, where)
         if isinstance(value, dict) and Ramp in args:
-            return Ramp(**value)
+            return _convert(Ramp, value, where)
         for arg in args:
-            if arg in (float, int) and isinstance(value, (int, float)):
-                return arg(value)
+            if arg is not type(None) and not dataclasses.is_dataclass(arg):
+                with contextlib.suppress(ConfigError):
+                    return _convert(arg, value, where)
+        raise ConfigError(f"{where} has the wrong type: {_show(value)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(
+                f"{where} must be one of {', '.join(map(str, typing.get_args(tp)))}, not {_show(value)}"
+            )
         return value
     if origin is tuple:
-        return tuple(value)
-    if origin in (list, dict) or tp in (str, bool, dict):
+        args = typing.get_args(tp)
+        if not isinstance(value, list) or (Ellipsis not in args and len(value) != len(args)):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, not {_show(value)}")
+        items = [args[0]] * len(value) if Ellipsis in args else list(args)
+        return tuple(
+            _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(items, value, strict=True))
+        )
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, not {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, not {_show(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, not {_show(value)}")
         return value
     if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, not {_show(value)}")
         return float(value)
-    if tp is int:
-        return int(value)
-    return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, not {_show(value)}")
+        return value
+    raise TypeError(f"config type {tp!r} at {where} has no JSON conversion")  # a bug in a config class
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_config(config: RunConfig, where: str = "config") -> RunConfig:
+    """Values no run can use, found before anything is built."""
+    for name in ("steps", "checkpoint_every"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{where}.{name} must be positive, not {getattr(config, name)}")
+    if config.validate_every < 0:
+        raise ConfigError(
+            f"{where}.validate_every must be 0 (never) or positive, not {config.validate_every}"
+        )
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(f"{where}.seed must be in 0…2^64−1, not {config.seed}")
+    return config
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit unsigned seed
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(to_dict(config), indent=2))
+    """Written beside and renamed over, so a crash never leaves half a config.json."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2))
+    os.replace(tmp, path)
 
 
 def load_config(path: Path) -> RunConfig:
-    return from_dict(RunConfig, json.loads(path.read_text()))
+    """A run's config.json, or one line on what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+    try:
+        return check_config(from_dict(RunConfig, data))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -27,3 +27,27 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def check_device(name: str) -> str:
+    """`name` if this torch can run on it, else one line on why not (before anything is loaded)."""
+    from sds3d.errors import UserError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r}: this torch ({torch.__version__}) cannot use CUDA here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(
+                f"device {name!r}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s)"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device {name!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UserError(f"device {name!r}: sds3d runs on cpu, cuda or mps")
+    return name

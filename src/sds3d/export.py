@@ -43,9 +43,16 @@ class ExportConfig:
     iso_view_resolution: int = 64
     iso_candidates: int = 64
     keep_largest_component: bool = True
+    # turntable.gif/.mp4: the exported mesh (what the user downloads), rasterised (render/mesh.py).
     turntable_frames: int = 24
-    turntable_resolution: int = 96
-    turntable_elevation_deg: float = 20.0
+    turntable_resolution: int = 256
+    turntable_supersample: int = 2  # rendered at 2x and averaged down: smooth edges
+    turntable_elevation_deg: float = 25.0  # shows the top (a torus' hole) and the sides
+    turntable_lit: bool = True  # lambertian, a light above the camera; False: the albedo alone
+    turntable_ambient: float = 0.35
+    turntable_fps: int = 12
+    # `sds3d render`: turntables of the NeRF itself (volume rendering: slower, so smaller).
+    nerf_turntable_resolution: int = 128
     view_radius: float = 2.5
     view_fovy_deg: float = 40.0
     num_samples: int = 64
@@ -166,45 +173,169 @@ def _signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
 
 
-def write_mesh(mesh: MeshOutput, out_dir: Path) -> dict[str, Path]:
-    """mesh.ply (+Z up, world), mesh.glb and mesh.obj (+Y up). Vertex colours in all three."""
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function inverted (IEC 61966-2-1), for c in [0, 1]."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Smooth unit normals [V, 3] (trimesh's, weighted by the faces' angles); +Y where undefined."""
     import trimesh
+
+    n = np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals, dtype=np.float64)
+    norm = np.linalg.norm(n, axis=1, keepdims=True)
+    ok = np.isfinite(norm[:, 0]) & (norm[:, 0] > 1e-8)
+    n[ok] /= norm[ok]
+    n[~ok] = (0.0, 1.0, 0.0)
+    return n.astype(np.float32)
+
+
+# glTF 2.0 constants (§5): component types, buffer targets, and the GLB container.
+_FLOAT, _UINT = 5126, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_GLB_MAGIC, _GLB_JSON, _GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942
+# A matte, non-metallic material that shows the vertex colours (glTF multiplies baseColor by COLOR_0);
+# without one, viewers fall back to their defaults (Blender: grey; model-viewer: metallic).
+MATERIAL = {
+    "name": "sds3d-vertex-colour",
+    "pbrMetallicRoughness": {
+        "baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+        "metallicFactor": 0.0,
+        "roughnessFactor": 0.9,
+    },
+}
+
+
+def write_glb(path: Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> Path:
+    """A glTF 2.0 binary: POSITION, smooth NORMAL, COLOR_0 (linear, as glTF defines it; `colors` are
+    sRGB uint8), uint32 indices and one matte PBR material. `vertices` are already +Y up."""
+    import json
+    import struct
+
+    positions = np.ascontiguousarray(vertices, dtype=np.float32)
+    arrays = [
+        positions,
+        vertex_normals(positions, faces),
+        srgb_to_linear(colors[:, :3] / 255.0).astype(np.float32),
+        np.ascontiguousarray(faces, dtype=np.uint32).reshape(-1),
+    ]
+    views, accessors, blob = [], [], b""
+    for i, array in enumerate(arrays):
+        data = array.tobytes()
+        views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data),
+                      "target": _ELEMENT_ARRAY_BUFFER if i == 3 else _ARRAY_BUFFER})  # fmt: skip
+        blob += data + b"\0" * (-len(data) % 4)
+        accessor: dict = {"bufferView": i, "byteOffset": 0}
+        if i == 3:
+            accessor |= {"componentType": _UINT, "count": int(array.size), "type": "SCALAR"}
+        else:
+            accessor |= {"componentType": _FLOAT, "count": int(len(array)), "type": "VEC3"}
+        if i == 0:  # POSITION must carry its bounds (§3.7.2.1)
+            accessor |= {"min": positions.min(0).tolist(), "max": positions.max(0).tolist()}
+        accessors.append(accessor)
+    gltf = {
+        "asset": {"version": "2.0", "generator": "sds3d"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "sds3d"}],
+        "meshes": [{"name": "sds3d", "primitives": [
+            {"attributes": {"POSITION": 0, "NORMAL": 1, "COLOR_0": 2}, "indices": 3, "material": 0, "mode": 4}
+        ]}],
+        "materials": [MATERIAL], "accessors": accessors, "bufferViews": views,
+        "buffers": [{"byteLength": len(blob)}],
+    }  # fmt: skip
+    text = json.dumps(gltf, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)
+    chunks = struct.pack("<II", len(text), _GLB_JSON) + text + struct.pack("<II", len(blob), _GLB_BIN) + blob
+    path.write_bytes(struct.pack("<III", _GLB_MAGIC, 2, 12 + len(chunks)) + chunks)
+    return path
+
+
+MTL = """# sds3d: a matte material; the colour is in the vertices (v x y z r g b)
+newmtl sds3d-vertex-colour
+Ka 0 0 0
+Kd 1 1 1
+Ks 0 0 0
+Ns 10
+d 1
+illum 1
+"""
+
+
+def write_mesh(mesh: MeshOutput, out_dir: Path) -> dict[str, Path]:
+    """mesh.ply (+Z up, world), mesh.glb and mesh.obj + mesh.mtl (+Y up). Vertex colours in all."""
+    import trimesh
+    from trimesh.exchange.obj import export_obj
 
     rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
     world = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=rgba, process=False)
-    y_up = trimesh.Trimesh(mesh.vertices @ Z_UP_TO_Y_UP.T, mesh.faces, vertex_colors=rgba, process=False)
-    paths = {"ply": out_dir / "mesh.ply", "glb": out_dir / "mesh.glb", "obj": out_dir / "mesh.obj"}
+    y_up_vertices = mesh.vertices @ Z_UP_TO_Y_UP.T
+    y_up = trimesh.Trimesh(y_up_vertices, mesh.faces, vertex_colors=rgba, process=False)
+    paths = {"ply": out_dir / "mesh.ply", "glb": out_dir / "mesh.glb", "obj": out_dir / "mesh.obj",
+             "mtl": out_dir / "mesh.mtl"}  # fmt: skip
     world.export(paths["ply"])
-    y_up.export(paths["glb"])
-    y_up.export(paths["obj"])
+    write_glb(paths["glb"], y_up_vertices, mesh.faces, mesh.colors)
+    obj = export_obj(y_up, include_normals=True, include_color=True, header=None)
+    paths["obj"].write_text(
+        f"# sds3d mesh, +Y up\nmtllib {paths['mtl'].name}\nusemtl sds3d-vertex-colour\n{obj}"
+    )
+    paths["mtl"].write_text(MTL)
     return paths
+
+
+# The turntable's light: beyond the camera and raised above it (world +Z), so tops read bright.
+TURNTABLE_LIGHT_OFFSET = (0.0, 0.0, 2.0)
+
+
+def _turntable_lights(cameras) -> torch.Tensor:  # [B, 3]
+    return cameras.position * 1.2 + torch.tensor(TURNTABLE_LIGHT_OFFSET, device=cameras.position.device)
+
+
+@torch.no_grad()
+def render_mesh_turntable(mesh: MeshOutput, config: ExportConfig) -> np.ndarray:
+    """[N, R, R, 3] uint8 frames of the mesh on a fixed orbit (from the front, azimuth 0°), lit."""
+    from sds3d.render.mesh import rasterize_mesh
+
+    s, res = config.turntable_supersample, config.turntable_resolution
+    cams = turntable_cameras(config.turntable_frames, config.turntable_elevation_deg, config.view_radius,
+                             config.view_fovy_deg, res * s, res * s)  # fmt: skip
+    out = rasterize_mesh(
+        torch.from_numpy(mesh.vertices).float(), torch.from_numpy(mesh.faces).long(),
+        torch.from_numpy(mesh.colors[:, :3] / 255.0).float(),
+        torch.from_numpy(vertex_normals(mesh.vertices, mesh.faces)), cams,
+        light_positions=_turntable_lights(cams) if config.turntable_lit else None, ambient=config.turntable_ambient,
+    )  # fmt: skip
+    rgb = torch.nn.functional.avg_pool2d(out.rgb, s) if s > 1 else out.rgb
+    return (rgb.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 @torch.no_grad()
 def render_turntable(
     nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: Shading = "albedo"
 ) -> np.ndarray:
-    """[N, H, W, 3] uint8 frames of a fixed orbit (starting at the front, azimuth 0°)."""
-    res = config.turntable_resolution
+    """[N, H, W, 3] uint8 volume renders of the NeRF on a fixed orbit (from the front, azimuth 0°),
+    shaded as `shading` (lit shadings use the mesh turntable's light)."""
+    res = config.nerf_turntable_resolution
     cams = turntable_cameras(config.turntable_frames, config.turntable_elevation_deg, config.view_radius,
                              config.view_fovy_deg, res, res)  # fmt: skip
     dev = next(nerf.parameters()).device
     frames = []
     for i in range(len(cams)):
         cam = cams[i].to(dev)
-        lights = cam.position * 1.5 if shading != "albedo" else None
+        lights = _turntable_lights(cam) if shading != "albedo" else None
         out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
-                     random_background=False)  # fmt: skip
+                     ambient=config.turntable_ambient, random_background=False)  # fmt: skip
         frames.append((out.rgb[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     return np.stack(frames)
 
 
 def write_turntable(frames: np.ndarray, out_dir: Path, fps: int = 12) -> list[Path]:
-    """turntable.gif, and turntable.mp4 when imageio-ffmpeg is installed."""
+    """turntable.gif (looping, 1/fps s a frame), and turntable.mp4 when imageio-ffmpeg is installed."""
     import imageio.v2 as imageio
+    import imageio.v3 as iio
 
     paths = [out_dir / "turntable.gif"]
-    imageio.mimsave(paths[0], list(frames), duration=1.0 / fps, loop=0)
+    # Pillow's GIF writer takes `duration` in milliseconds (imageio.v2's mimsave once took seconds).
+    iio.imwrite(paths[0], frames, extension=".gif", duration=round(1000 / fps), loop=0)
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:

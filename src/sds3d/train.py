@@ -16,8 +16,8 @@ the uninterrupted run would. Ctrl-C finishes the current step, writes a checkpoi
 
 from __future__ import annotations
 
-import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sds3d import losses
+from sds3d import losses, runs
 from sds3d.cameras import orbit_cameras, sample_cameras
 from sds3d.config import RunConfig, load_config, save_config
 from sds3d.devices import to_device
@@ -39,7 +39,7 @@ from sds3d.ramp import value_at
 from sds3d.render.volume import choose_shading, render, sample_lights
 from sds3d.representations.nerf import Background, HashGridNeRF
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT = runs.CHECKPOINT
 # Validation views: front, side, back and overhead, as labelled by view-dependent prompting.
 VALIDATION_VIEWS_DEG = ((15.0, 0.0), (15.0, 90.0), (15.0, 180.0), (75.0, 45.0))
 
@@ -116,19 +116,19 @@ def build_optimizer(config: RunConfig, scene: Scene) -> torch.optim.Optimizer:
 
 
 def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, int]:
-    """The config, scene and step of a run folder's last checkpoint."""
+    """The config, scene and step of a run folder's newest usable checkpoint (runs.py)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not an sds3d run folder (no config.json)")
-    if not (run_dir / CHECKPOINT).is_file():
+    if not runs.has_checkpoint(run_dir):
         raise UserError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train it first")
     config = load_config(run_dir / "config.json")
     config.device = device
     # Export and rendering query the field without autograd, in chunks: no compiled NeRF needed.
     config.nerf.compile = False
+    state = runs.load_checkpoint(run_dir, map_location=device).state
     scene = build_scene(config)
-    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
-    scene.load_state_dict(state["scene"])
+    runs.load_state(scene, state["scene"], f"the checkpoint in {run_dir / 'checkpoints'}")
     step = int(state["step"])
     if is_latent(config, step):  # stopped in the latent warm-up: show it in colour from here on
         scene.latents_to_rgb_()
@@ -136,16 +136,43 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, in
 
 
 def save_checkpoint(
-    path: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
+    run_dir: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
 ) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state},
-        tmp,
-    )
-    os.replace(tmp, path)
+    state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}
+    runs.save_checkpoint(run_dir, state)
+
+
+def resume_from_checkpoint(
+    config: RunConfig,
+    run_dir: Path,
+    scene: Scene,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> int:
+    """Scene, optimiser and generator as the newest usable checkpoint left them. → its step.
+
+    The optimiser's settings come from config.json, not the checkpoint: Adam's state dict carries
+    its learning rates, which would otherwise silently win over an edited config."""
+    state = runs.load_checkpoint(run_dir, map_location=config.device).state
+    where = f"the checkpoint in {run_dir / 'checkpoints'}"
+    runs.load_state(scene, state["scene"], where)
+    runs.load_state(optimizer, state["optimizer"], where)
+    try:
+        generator.set_state(state["rng"])
+    except RuntimeError as err:
+        raise UserError(f"{where} has an unusable generator state ({err})") from None
+    wanted = build_optimizer(config, scene).param_groups
+    for group, new in zip(optimizer.param_groups, wanted, strict=True):
+        for key in ("lr", "betas", "eps"):
+            if _plain(group[key]) != _plain(new[key]):
+                print(f"sds3d: note: optimiser {key} {group[key]} -> {new[key]} (changed in config.json); "
+                      "the resumed run uses the new value", file=sys.stderr)  # fmt: skip
+                group[key] = new[key]
+    return int(state["step"])
+
+
+def _plain(value: Any) -> Any:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
 
 
 def validation_cameras(config: RunConfig):
@@ -201,14 +228,35 @@ def train(
     progress: bool = True,
     on_step=None,
     guidance: NoisePredictionGuidance | None = None,
+    overwrite: bool = False,
 ) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
     `on_step(step, scene)` is called after each completed step (used by tests and benchmarks);
-    `guidance` replaces the one `config.guidance` builds (the speed benchmark's random-weight models).
+    `guidance` replaces the one `config.guidance` builds (the speed benchmark's random-weight models);
+    `overwrite` replaces an earlier run in `run_dir` (runs.py says what it removes), once the
+    prompt has been checked. The run folder is locked for the whole call.
     """
     run_dir = Path(run_dir)
-    # The prior first: a missing model or an unknown prompt fails before anything is written.
+    with runs.locked(run_dir, create=not resume):
+        return _train(config, run_dir, resume, progress, on_step, guidance, overwrite)
+
+
+def _train(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    on_step,
+    guidance: NoisePredictionGuidance | None,
+    overwrite: bool,
+) -> TrainOutput:
+    if resume:
+        if not runs.has_checkpoint(run_dir):
+            raise UserError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
+    else:
+        runs.check_new_run(run_dir, overwrite)
+    # The prior next: a missing model or an unknown prompt fails before anything is written or removed.
     guidance = build_guidance(config) if guidance is None else guidance
     prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
     prompts.precompute()  # every text once; then the text encoder goes (large for SD and IF)
@@ -217,7 +265,6 @@ def train(
         release()
     warmup = config.latent_warmup
     latent_maps = _latent_maps(guidance, warmup.channels) if warmup.steps > 0 else None
-    run_dir.mkdir(parents=True, exist_ok=True)
     scene = build_scene(config)
     optimizer = build_optimizer(config, scene)
     generator = torch.Generator().manual_seed(config.seed)
@@ -225,13 +272,10 @@ def train(
         scene.set_latent_maps(*latent_maps)
     start = 0
     if resume:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise UserError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
-        state = torch.load(run_dir / CHECKPOINT, map_location=config.device, weights_only=True)
-        scene.load_state_dict(state["scene"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"])
-        start = int(state["step"])
+        start = resume_from_checkpoint(config, run_dir, scene, optimizer, generator)
+    elif runs.user_entries(run_dir):
+        runs.clear_run(run_dir)  # --overwrite, every argument checked
+    runs.mark_run(run_dir)
     save_config(config, run_dir / "config.json")
 
     cpu = config.device == "cpu"
@@ -310,7 +354,7 @@ def train(
                     pending = (host, ready, done)
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, done, generator.get_state())
+                save_checkpoint(run_dir, scene, optimizer, done, generator.get_state())
             if config.validate_every > 0 and (done % config.validate_every == 0 or done == config.steps):
                 save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png",
                                 latent=is_latent(config, done))  # fmt: skip
@@ -322,7 +366,7 @@ def train(
     bar.close()
     interrupted = step < config.steps
     if interrupted:
-        save_checkpoint(run_dir / CHECKPOINT, scene, optimizer, step, generator.get_state())
+        save_checkpoint(run_dir, scene, optimizer, step, generator.get_state())
     wall = time.perf_counter() - t0
     return TrainOutput(
         run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),
@@ -350,7 +394,7 @@ def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:
     value, t_shown, finite = stats
     if not np.isfinite(value) or not finite:
         bar.close()
-        kept = _checkpoint_step(run_dir)
+        kept = runs.checkpoint_step(run_dir)
         where = (
             f"the last good checkpoint (step {kept}) is kept in {run_dir / CHECKPOINT}"
             if kept is not None
@@ -363,10 +407,3 @@ def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:
 def _finite(scene: Scene) -> torch.Tensor:
     """A 0-d bool tensor (no host sync): every parameter is finite."""
     return torch.stack([torch.isfinite(p).all() for p in scene.parameters()]).all()
-
-
-def _checkpoint_step(run_dir: Path) -> int | None:
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])

@@ -80,20 +80,83 @@ def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
 
 
-def load_component(model: str, subfolder: str, library: str, class_name: str, **kwargs: Any) -> Any:
-    """`<library>.<class_name>.from_pretrained(model, subfolder=...)`, with one clear error when the
-    weights are neither on disk nor in the local hub cache."""
+# What a model_index.json may name: a user-supplied folder must not make sds3d import arbitrary code.
+ALLOWED_LIBRARIES = ("diffusers", "transformers")
+WEIGHT_SUFFIXES_REFUSED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _component_class(library: str, class_name: str, subfolder: str) -> Any:
+    """The class `model_index.json` names for `subfolder`, if it is a diffusers/transformers model,
+    tokenizer or scheduler class; one line otherwise."""
     import importlib
 
-    cls = getattr(importlib.import_module(library), class_name)
+    if library not in ALLOWED_LIBRARIES or not isinstance(class_name, str) or not class_name.isidentifier():
+        raise UserError(
+            f"model_index.json names {library}.{class_name} for {subfolder!r}; sds3d loads only classes "
+            f"of {' and '.join(ALLOWED_LIBRARIES)}"
+        )
+    cls = getattr(importlib.import_module(library), class_name, None)
+    bases = _loadable_bases()
+    if not isinstance(cls, type) or not (issubclass(cls, bases) or class_name == "AutoTokenizer"):
+        raise UserError(
+            f"model_index.json names {library}.{class_name} for {subfolder!r}: not a model, tokenizer or "
+            "scheduler class that sds3d loads"
+        )
+    return cls
+
+
+def _loadable_bases() -> tuple[type, ...]:
+    import diffusers
+    import transformers
+
+    return (diffusers.ModelMixin, diffusers.SchedulerMixin, transformers.PreTrainedModel,
+            transformers.PreTrainedTokenizerBase)  # fmt: skip
+
+
+def _pickle_weights(model: str, subfolder: str) -> list[str]:
+    folder = Path(model).expanduser() / subfolder
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES_REFUSED)
+
+
+def load_component(model: str, subfolder: str, library: str, class_name: str, **kwargs: Any) -> Any:
+    """`<library>.<class_name>.from_pretrained(model, subfolder=...)`, weights from safetensors only,
+    with one clear error when they are missing, pickled, or neither on disk nor in the hub cache."""
+    import diffusers
+    import transformers
+
+    cls = _component_class(library, class_name, subfolder)
+    if issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel)):
+        kwargs["use_safetensors"] = True  # never unpickle weights
     try:
         return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
     except OSError as err:
+        pickled = _pickle_weights(model, subfolder) if _looks_local(model) else []
+        if pickled:
+            raise UserError(
+                f"cannot load {model!r} ({subfolder}): sds3d loads only safetensors weights, and "
+                f"{subfolder}/ has {', '.join(pickled)}; convert it (save_pretrained(..., safe_serialization=True))"
+            ) from None
+        if _looks_local(model):
+            raise UserError(
+                f"cannot load {model!r} ({subfolder}): {' '.join(str(err).split())[:200]}"
+            ) from None
         raise UserError(
             f"cannot load {model!r} ({subfolder}): not found locally and it could not be downloaded "
             f"({type(err).__name__}); fetch it where the hub is reachable with `huggingface-cli download {model}` "
             f"and copy the cache, or pass a local folder"
         ) from None
+
+
+def _component(index: dict[str, Any], name: str, default: list[str] | None = None) -> list[str] | None:
+    """model_index.json's [library, class] for `name`; None where absent (or [null, null])."""
+    entry = index.get(name, default)
+    if entry is None or (isinstance(entry, list) and entry == [None, None]):
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise UserError(f"model_index.json: {name!r} must be [library, class], not {json.dumps(entry)[:60]}")
+    return entry
 
 
 def read_model_index(model: str) -> dict[str, Any]:
@@ -105,7 +168,13 @@ def read_model_index(model: str) -> dict[str, Any]:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model!r} is not a diffusers model folder (no model_index.json)")
-        return json.loads(index.read_text())
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{index} is not readable JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{index} must hold a JSON object")
+        return data
     try:
         from huggingface_hub import constants, hf_hub_download
 
@@ -383,23 +452,19 @@ def load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
 
 def _load_pipeline_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
     index = read_model_index(model)
-    tok_lib, tok_cls = index.get("tokenizer", ["transformers", "AutoTokenizer"])
-    enc_lib, enc_cls = index.get("text_encoder", ["transformers", "CLIPTextModel"])
+    tok_lib, tok_cls = _component(index, "tokenizer", ["transformers", "AutoTokenizer"]) or ("", "")
+    enc_lib, enc_cls = _component(index, "text_encoder", ["transformers", "CLIPTextModel"]) or ("", "")
     components = {
         "scheduler_config": load_component(model, "scheduler", "diffusers", "DDPMScheduler").config,
         "tokenizer": load_component(model, "tokenizer", tok_lib, tok_cls),
         "text_encoder": load_component(model, "text_encoder", enc_lib, enc_cls, torch_dtype=dtype),
         "unet": load_component(model, "unet", "diffusers", "UNet2DConditionModel", torch_dtype=dtype),
     }
-    if index.get("vae"):
-        vae_lib, vae_cls = index["vae"]
-        components["vae"] = load_component(model, "vae", vae_lib, vae_cls, torch_dtype=dtype)
-    if index.get("text_encoder_2"):  # SDXL
-        tok2_lib, tok2_cls = index.get("tokenizer_2", [tok_lib, tok_cls])
-        enc2_lib, enc2_cls = index["text_encoder_2"]
-        components["tokenizer_2"] = load_component(model, "tokenizer_2", tok2_lib, tok2_cls)
-        components["text_encoder_2"] = load_component(
-            model, "text_encoder_2", enc2_lib, enc2_cls, torch_dtype=dtype
-        )
+    if vae := _component(index, "vae"):
+        components["vae"] = load_component(model, "vae", *vae, torch_dtype=dtype)
+    if encoder_2 := _component(index, "text_encoder_2"):  # SDXL
+        tokenizer_2 = _component(index, "tokenizer_2", [tok_lib, tok_cls]) or [tok_lib, tok_cls]
+        components["tokenizer_2"] = load_component(model, "tokenizer_2", *tokenizer_2)
+        components["text_encoder_2"] = load_component(model, "text_encoder_2", *encoder_2, torch_dtype=dtype)
         components["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", False))
     return components
