@@ -434,7 +434,9 @@ def quiet_loading():
     import transformers.utils.logging as tlog
 
     levels = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    # Only their critical lines: a failed load's error is logged before it is raised, and sds3d
+    # turns the raised one into its own line.
+    dlog.set_verbosity(dlog.CRITICAL), tlog.set_verbosity(tlog.CRITICAL)
     dlog.disable_progress_bar(), tlog.disable_progress_bar()
     try:
         yield
