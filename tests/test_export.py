@@ -13,7 +13,6 @@ from conftest import AnalyticField, shape_field
 from sds3d.export import (
     EmptySceneError,
     ExportConfig,
-    MeshOutput,
     extract_mesh,
     render_mesh_turntable,
     render_turntable,
@@ -51,10 +50,14 @@ def read_glb(path):
     def accessor(i):
         a = gltf["accessors"][i]
         view = gltf["bufferViews"][a["bufferView"]]
-        out = np.frombuffer(blob, kinds[a["componentType"]], a["count"] * widths[a["type"]], view["byteOffset"])
+        out = np.frombuffer(
+            blob, kinds[a["componentType"]], a["count"] * widths[a["type"]], view["byteOffset"]
+        )
         return out.reshape(a["count"], -1) if a["type"] != "SCALAR" else out
 
     return gltf, accessor
+
+
 BG = BackgroundConfig().build()
 
 
@@ -83,7 +86,10 @@ def test_glb_has_a_matte_material_smooth_normals_and_linear_vertex_colours(tmp_p
     material = gltf["materials"][primitive["material"]]["pbrMetallicRoughness"]
     assert material["metallicFactor"] == 0 and material["roughnessFactor"] >= 0.5
     assert material["baseColorFactor"] == [1, 1, 1, 1]
-    positions, normals = accessor(primitive["attributes"]["POSITION"]), accessor(primitive["attributes"]["NORMAL"])
+    positions, normals = (
+        accessor(primitive["attributes"]["POSITION"]),
+        accessor(primitive["attributes"]["NORMAL"]),
+    )
     colors = accessor(primitive["attributes"]["COLOR_0"])
     assert len(positions) == len(normals) == len(colors) == len(mesh.vertices)
     assert np.allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-5)
@@ -96,7 +102,9 @@ def test_glb_has_a_matte_material_smooth_normals_and_linear_vertex_colours(tmp_p
     assert np.allclose(colors, expected, atol=1e-6) and colors[:, 1].mean() == pytest.approx(0.214, abs=0.01)
     assert srgb_to_linear(np.array([0.0, 0.04045, 1.0])) == pytest.approx([0.0, 0.04045 / 12.92, 1.0])
     assert np.array_equal(accessor(primitive["indices"]).reshape(-1, 3), mesh.faces)
-    assert gltf["accessors"][primitive["attributes"]["POSITION"]]["max"] == pytest.approx(positions.max(0).tolist())
+    assert gltf["accessors"][primitive["attributes"]["POSITION"]]["max"] == pytest.approx(
+        positions.max(0).tolist()
+    )
 
 
 def test_obj_names_its_mtl_with_a_matte_material(tmp_path):
@@ -164,7 +172,9 @@ def test_mesh_turntable_is_lit_and_matches_the_fields_silhouette():
     top = frames[0][:32][mesh_fg[0][:32]][:, 2].mean()
     bottom = frames[0][32:][mesh_fg[0][32:]][:, 2].mean()
     assert rows.min() < 32 < rows.max() and top > bottom + 20
-    flat = render_mesh_turntable(extract_mesh(field, BG, config), dataclasses.replace(config, turntable_lit=False))
+    flat = render_mesh_turntable(
+        extract_mesh(field, BG, config), dataclasses.replace(config, turntable_lit=False)
+    )
     assert np.abs(np.median(flat[0][mesh_fg[0]], axis=0) - [26, 77, 242]).max() <= 2  # the albedo alone
 
 

@@ -126,3 +126,19 @@ def test_unknown_world_prompt_is_a_user_error():
     with pytest.raises(UserError, match="synthetic-world"):
         _tiny_empirical().encode_prompt("a photo of a dog")
     assert parse_prompt("A Blue Torus, side view").shape == "torus"
+
+
+@pytest.mark.parametrize("t", [100, 500, 900])
+def test_gaussian_prior_predicts_the_exact_noise_of_its_marginal(t):
+    """p_t = N(α_t μ, v_t I) with v_t = α_t² s² + σ_t²: ε* = σ_t (x_t − α_t μ)/v_t, computed here from
+    ᾱ_t alone (the fixed-point test cannot see v_t: it only scales the step)."""
+    g = torch.Generator().manual_seed(t)
+    mu = torch.rand(3, RES, RES, generator=g) * 2 - 1
+    std = 0.3
+    config = GaussianPriorGuidanceConfig(std=std, views=WorldViewsConfig(resolution=RES))
+    guidance = config.build(CameraConfig(), means={"y": mu})
+    x_t = torch.randn(2, 3, RES, RES, generator=g)
+    abar = float(guidance.alphas_cumprod[t])
+    expected = (1 - abar) ** 0.5 * (x_t - abar**0.5 * mu) / (abar * std**2 + (1 - abar))
+    eps = guidance.predict_noise(x_t, torch.tensor([t, t]), [mu, mu], None)
+    assert torch.allclose(eps, expected, atol=1e-5)

@@ -87,6 +87,37 @@ def test_composite_matches_its_reference_twin_in_values_and_gradients():
     assert torch.allclose(gd_fast, gd_ref, atol=1e-5) and torch.allclose(gc_fast, gc_ref, atol=1e-6)
 
 
+def test_composited_colour_has_the_finite_difference_gradient_in_density():
+    """rgb = Σ w_i c_i + (1 − Σ w_i)·bg: the density gradient includes the background term (a
+    detached opacity would drop it, which only a gradient check can see)."""
+    from sds3d.render.volume import _shade_and_composite
+
+    g = torch.Generator().manual_seed(0)
+    r, n = 3, 6
+    density = (torch.rand(r, n, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    albedo = torch.rand(r, n, 3, generator=g, dtype=torch.float64)
+    points = torch.rand(r, n, 3, generator=g, dtype=torch.float64)
+    t = torch.linspace(1, 2, n, dtype=torch.float64).expand(r, n)
+    deltas = torch.full((r, n), 0.2, dtype=torch.float64)
+    bg = torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64).expand(r, 3)
+    hit = torch.ones(r, dtype=torch.float64)
+    probe = torch.rand(r, 3, generator=g, dtype=torch.float64)
+
+    def f(d):
+        rgb = _shade_and_composite(d, albedo, hit, None, points, t, deltas, bg, None, r, "albedo", 0.1)[0]
+        return (rgb * probe).sum()
+
+    (grad,) = torch.autograd.grad(f(density), density)
+    h = 1e-6
+    numeric = torch.zeros_like(grad)
+    for idx in range(r * n):
+        e = torch.zeros(r * n, dtype=torch.float64)
+        e[idx] = h
+        e = e.view(r, n)
+        numeric.view(-1)[idx] = (f(density.detach() + e) - f(density.detach() - e)) / (2 * h)
+    assert torch.allclose(grad, numeric, atol=1e-7)
+
+
 @pytest.mark.parametrize("log2_table_size", [19, 12])  # all levels dense; most levels hashed
 def test_hash_grid_matches_its_reference_twin_in_values_and_gradients(log2_table_size):
     grid = HashGridConfig(

@@ -141,7 +141,10 @@ RUN_BREAKERS = {
     "last.pt cut in half": (_truncate(0.5), "corrupt"),
     "last.pt header garbled": (_garble("header", 64), "corrupt"),
     "last.pt 4 KB garbled": (_garble("middle", 4096), "corrupt"),
-    "valid .pt, wrong keys": (lambda r: (_only_last(r), _rewrite_with_checksum(r, {"weights": 1})), "expected keys"),
+    "valid .pt, wrong keys": (
+        lambda r: (_only_last(r), _rewrite_with_checksum(r, {"weights": 1})),
+        "expected keys",
+    ),
     "crafted pickle": (_crafted_pickle, "refusing"),
     "both checkpoints corrupt": (
         lambda r: [p.write_bytes(b"x" * 100) for p in (_last(r), r / runs.PREVIOUS)],
@@ -152,7 +155,10 @@ RUN_BREAKERS = {
         lambda r: (r / "config.json").write_text((r / "config.json").read_text()[:300]),
         "not valid JSON",
     ),
-    "config.json wrong type": (lambda r: _config(r, lambda d: d.update(steps="many")), "steps must be a whole"),
+    "config.json wrong type": (
+        lambda r: _config(r, lambda d: d.update(steps="many")),
+        "steps must be a whole",
+    ),
     "config.json nested wrong type": (
         lambda r: _config(r, lambda d: d["nerf"]["grid"].update(num_levels=[4])),
         "num_levels must be a whole",
@@ -208,8 +214,8 @@ GENERATE_CASES = {
     "--out is a file": (lambda t: ["--out", t / "afile"], "is a file"),
     "--out under a file": (lambda t: ["--out", t / "afile" / "run"], "afile is a file"),
     "--out cannot be created": (lambda t: ["--out", "/proc/sds3d-test/run"], "cannot create"),
-    "--seed negative": (lambda t: ["--seed", "-1"], "0…2^64−1"),
-    "--seed 2^64": (lambda t: ["--seed", str(2**64)], "0…2^64−1"),
+    "--seed negative": (lambda t: ["--seed", "-1"], "argument --seed: must be in 0…2^64−1"),
+    "--seed 2^64": (lambda t: ["--seed", str(2**64)], "argument --seed: must be in 0…2^64−1"),
     "--device tpu": (lambda t: ["--device", "tpu"], "unknown device 'tpu'"),
     "--device cuda:7": (lambda t: ["--device", "cuda:7"], "cuda:7"),
     "--model with pickle weights": (
@@ -323,7 +329,9 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(run):
     with runs.locked(run), runs.locked(run):
         pass
     probe = subprocess.run(
-        [sys.executable, "-c", HOLDER.replace("time.sleep(60)", "pass"), str(run)], capture_output=True, text=True
+        [sys.executable, "-c", HOLDER.replace("time.sleep(60)", "pass"), str(run)],
+        capture_output=True,
+        text=True,
     )
     assert probe.stdout.strip() == "locked"
 
@@ -340,6 +348,15 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_with_a_warning
     # and a resumed run goes on from step 2 to the end
     out = train(tiny_config(), run, resume=True, progress=False)
     assert out.steps_done == 4 and runs.load_checkpoint(run).path.name == "last.pt"
+
+
+def test_a_checkpoint_changed_after_it_was_written_fails_its_checksum(run, capsys):
+    """Well-formed, finite, and not what sds3d wrote: only the checksum can tell."""
+    state = torch.load(_last(run), weights_only=True)
+    state["scene"]["nerf.encoding.tables"] += 1.0
+    torch.save(state, _last(run))
+    loaded = runs.load_checkpoint(run)
+    assert loaded.path.name == "prev.pt" and "SHA-256" in capsys.readouterr().err
 
 
 def test_every_moment_of_the_checkpoint_rotation_leaves_a_verified_checkpoint(tmp_path, monkeypatch):
@@ -376,6 +393,17 @@ def test_checkpoints_from_before_checksums_still_load(run):
     for name in ("last.pt.sha256", "prev.pt.sha256"):
         (run / "checkpoints" / name).unlink()
     assert int(runs.load_checkpoint(run).state["step"]) == 4
+
+
+def test_a_checkpoint_with_nan_values_is_refused_even_without_checksums(run, capsys):
+    """Damage a checksum cannot see (a run from before checksums): NaN in Adam's state."""
+    for name in ("last.pt.sha256", "prev.pt.sha256"):
+        (run / "checkpoints" / name).unlink()
+    state = torch.load(_last(run), weights_only=True)
+    next(iter(state["optimizer"]["state"].values()))["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(state, _last(run))
+    loaded = runs.load_checkpoint(run)
+    assert loaded.path.name == "prev.pt" and "NaN" in capsys.readouterr().err
 
 
 def test_a_changed_learning_rate_in_config_json_is_used_and_said(trained_run, tmp_path, capsys):
@@ -432,9 +460,27 @@ def test_ctrl_c_while_the_prior_loads_is_one_line_and_leaves_nothing(tmp_path):
 def test_ctrl_c_during_imports_is_one_line(tmp_path):
     exe = Path(sys.executable).parent / "sds3d"
     out = tmp_path / "run"
-    proc = subprocess.Popen([str(exe), "generate", PROMPT, "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "generate", PROMPT, "--out", str(out)], stderr=subprocess.PIPE, text=True
+    )
     time.sleep(0.5)  # torch alone takes longer than this to import
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and err.strip() == "sds3d: interrupted", err
     assert not out.exists()
+
+
+# --- re-running a run -----------------------------------------------------------------------------
+def test_generate_config_reruns_a_runs_config_in_a_new_folder(trained_run, tmp_path, capsys):
+    new = tmp_path / "again"
+    argv = ["generate", "--config", trained_run / "config.json", "--out", new, "--seed", 5, "--no-progress"]
+    assert main([str(a) for a in argv]) == 0
+    old_config = json.loads((trained_run / "config.json").read_text())
+    new_config = json.loads((new / "config.json").read_text())
+    assert new_config == {**old_config, "seed": 5}
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["seed"] == 5 and (new / "mesh.glb").is_file() and (new / "mesh.mtl").is_file()
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:  # run from a checkout: the commit is recorded
+        assert summary["versions"]["git_commit"] == head.stdout.strip()

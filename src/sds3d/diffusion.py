@@ -212,6 +212,6 @@ def literal_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tens
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """x̂_0 = (x_t − σ_t ε̂)/α_t, the one-step denoised estimate (for logging)."""
+    """x̂_0 = (x_t − σ_t ε̂)/α_t, the one-step denoised estimate (for samplers and rules that need it)."""
     a = alphas_cumprod_t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()

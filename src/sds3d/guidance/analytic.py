@@ -6,7 +6,7 @@ Gaussian prior. p_y = N(μ_y, s²I) per prompt (and N(μ_∅, s²I) for ""). The
 p_t = N(α_t μ, v_t I), v_t = α_t² s² + σ_t², and the exact noise prediction is
     ε*(x_t) = σ_t (x_t − α_t μ)/v_t.
 Under CFG the expected SDS gradient is (α_t σ_t/v_t)(x − m) with m = μ_y + (s − 1)(μ_y − μ_∅),
-so SDS drives every particle to the single point m for any w(t) (methods.md, test T1).
+so SDS drives every particle to the single point m for any w(t) (tests/test_priors.py checks it).
 
 Empirical prior. p_y is uniform over a finite set {x_i} of ground-truth renders of the prompt's
 synthetic-world object (for a view-suffixed prompt, the renders from that view). The

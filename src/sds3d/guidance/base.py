@@ -51,7 +51,6 @@ class GuidanceOutput:
     grad_norm: torch.Tensor  # scalar, mean over the batch of ‖g‖ (a tensor: no host sync)
     timesteps: torch.Tensor  # [B] long
     noise: torch.Tensor  # ε, in the model's space
-    pred_x0: torch.Tensor  # the one-step denoised estimate in the model's space (`decode_images` shows it)
 
 
 class NoisePredictionGuidance(nn.Module):
@@ -78,9 +77,6 @@ class NoisePredictionGuidance(nn.Module):
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         """Default for pixel-space priors: [0, 1] → [−1, 1]."""
         return rgb * 2 - 1
-
-    def decode_images(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2).clamp(0, 1)
 
     def latents_from_render(self, latents: torch.Tensor) -> torch.Tensor:
         """A render of latents [B, C, H, W] → the model's latent size (latent models only)."""
@@ -138,13 +134,11 @@ class NoisePredictionGuidance(nn.Module):
             loss = diffusion.literal_loss(eps, noise, weight) / b
         else:
             loss = diffusion.reparameterised_loss(x, grad) / b
-        pred_x0 = diffusion.predict_x0(x_t.detach(), eps.detach(), abar_t)
         return GuidanceOutput(
             loss=loss,
             grad_norm=grad.flatten(1).norm(dim=1).mean(),
             timesteps=t,
             noise=noise,
-            pred_x0=pred_x0,
         )
 
 

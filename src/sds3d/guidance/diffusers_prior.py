@@ -350,13 +350,6 @@ class DiffusersGuidance(NoisePredictionGuidance):
 
         return fit_latent_rgb_maps(encode, self.image_size, self.vae_scale, generator=generator)
 
-    @torch.no_grad()
-    def decode_images(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return super().decode_images(x)
-        image = self.vae.decode((x / float(self.vae.config.scaling_factor)).to(self.vae_dtype)).sample
-        return ((image.float() + 1) / 2).clamp(0, 1)
-
     def predict_noise(
         self,
         x_t: torch.Tensor,

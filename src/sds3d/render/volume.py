@@ -25,7 +25,6 @@ from sds3d.devices import device_generator
 from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRF
 
 Shading = Literal["albedo", "lambertian", "textureless"]
-SHADINGS: tuple[str, ...] = ("albedo", "lambertian", "textureless")
 INFERENCE_CHUNK = 32768  # points per field query without autograd (measured fastest on a 2-core CPU)
 
 
