@@ -52,7 +52,7 @@ class ExportConfig:
     turntable_ambient: float = 0.35
     turntable_fps: int = 12
     # `sds3d render`: turntables of the NeRF itself (volume rendering: slower, so smaller).
-    nerf_turntable_resolution: int = 128
+    nerf_turntable_resolution: int = 96
     view_radius: float = 2.5
     view_fovy_deg: float = 40.0
     num_samples: int = 64

@@ -126,12 +126,14 @@ def locked(run_dir: Path | str, create: bool = False) -> Iterator[Path]:
     except OSError as err:
         raise UserError(f"cannot lock {run_dir}: {err.strerror or err}") from None
     if not _try_lock(fd):
-        holder = os.pread(fd, 32, _PID_OFFSET).decode(errors="replace").strip() or "unknown"
+        os.lseek(fd, _PID_OFFSET, os.SEEK_SET)
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunInUseError(
             f"{run_dir} is in use by another sds3d process (pid {holder}); wait for it or stop it"
         )
-    os.pwrite(fd, f"{os.getpid():<16d}".encode(), _PID_OFFSET)
+    os.lseek(fd, _PID_OFFSET, os.SEEK_SET)
+    os.write(fd, f"{os.getpid():<16d}".encode())
     _HELD[key] = [fd, 1]
     ok = False
     try:
