@@ -14,6 +14,7 @@ from sds3d.export import (
     EmptySceneError,
     ExportConfig,
     extract_mesh,
+    framing_fovy_deg,
     render_mesh_turntable,
     render_turntable,
     srgb_to_linear,
@@ -160,15 +161,20 @@ def test_nerf_turntable_frames(tmp_path):
 def test_mesh_turntable_is_lit_and_matches_the_fields_silhouette():
     field = shape_field("sphere", albedo=(0.1, 0.3, 0.95))
     config = ExportConfig(grid_resolution=64, turntable_frames=2, turntable_resolution=64)
-    frames = render_mesh_turntable(extract_mesh(field, BG, config), config)
+    mesh = extract_mesh(field, BG, config)
+    frames = render_mesh_turntable(mesh, config)
     assert frames.shape == (2, 64, 64, 3) and frames.dtype == np.uint8
-    volume = render_turntable(field, BG, dataclasses.replace(config, nerf_turntable_resolution=64))
+    fovy = framing_fovy_deg(mesh.vertices, config)
+    volume = render_turntable(
+        field, BG, dataclasses.replace(config, nerf_turntable_resolution=64, view_fovy_deg=fovy)
+    )
     mesh_fg, nerf_fg = (frames != 255).any(-1), (volume != 255).any(-1)
     assert (mesh_fg & nerf_fg).sum() / (mesh_fg | nerf_fg).sum() > 0.9  # same camera, same image axes
     blue = frames[0][mesh_fg[0]][:, 2].astype(float)
     assert blue.max() - blue.min() > 80  # lit: the sphere is shaded from bright to dark
     # The light is above the camera: the top half of the sphere is brighter than the bottom half.
     rows = np.nonzero(mesh_fg[0])[0]
+    assert (rows.max() - rows.min() + 1) / 64 == pytest.approx(config.turntable_fill, abs=0.06)  # framed
     top = frames[0][:32][mesh_fg[0][:32]][:, 2].mean()
     bottom = frames[0][32:][mesh_fg[0][32:]][:, 2].mean()
     assert rows.min() < 32 < rows.max() and top > bottom + 20

@@ -51,6 +51,7 @@ class ExportConfig:
     turntable_lit: bool = True  # lambertian, a light above the camera; False: the albedo alone
     turntable_ambient: float = 0.35
     turntable_fps: int = 12
+    turntable_fill: float = 0.8  # the mesh's bounding sphere spans this fraction of the frame's height
     # `sds3d render`: turntables of the NeRF itself (volume rendering: slower, so smaller).
     nerf_turntable_resolution: int = 96
     view_radius: float = 2.5
@@ -290,6 +291,14 @@ def _turntable_lights(cameras) -> torch.Tensor:  # [B, 3]
     return cameras.position * 1.2 + torch.tensor(TURNTABLE_LIGHT_OFFSET, device=cameras.position.device)
 
 
+def framing_fovy_deg(vertices: np.ndarray, config: ExportConfig) -> float:
+    """The field of view at which the mesh's bounding sphere about the origin (where objects sit)
+    spans `turntable_fill` of the frame: tan(fovy/2) = tan(asin(r/d))/fill."""
+    r = min(float(np.linalg.norm(vertices, axis=1).max()), 0.99 * config.view_radius)
+    half = np.arctan(np.tan(np.arcsin(r / config.view_radius)) / config.turntable_fill)
+    return float(np.degrees(2 * half))
+
+
 @torch.no_grad()
 def render_mesh_turntable(mesh: MeshOutput, config: ExportConfig) -> np.ndarray:
     """[N, R, R, 3] uint8 frames of the mesh on a fixed orbit (from the front, azimuth 0°), lit."""
@@ -297,7 +306,7 @@ def render_mesh_turntable(mesh: MeshOutput, config: ExportConfig) -> np.ndarray:
 
     s, res = config.turntable_supersample, config.turntable_resolution
     cams = turntable_cameras(config.turntable_frames, config.turntable_elevation_deg, config.view_radius,
-                             config.view_fovy_deg, res * s, res * s)  # fmt: skip
+                             framing_fovy_deg(mesh.vertices, config), res * s, res * s)  # fmt: skip
     out = rasterize_mesh(
         torch.from_numpy(mesh.vertices).float(), torch.from_numpy(mesh.faces).long(),
         torch.from_numpy(mesh.colors[:, :3] / 255.0).float(),

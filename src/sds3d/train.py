@@ -274,7 +274,9 @@ def _train(
     if resume:
         start = resume_from_checkpoint(config, run_dir, scene, optimizer, generator)
         if start > config.steps:
-            raise UserError(f"{run_dir} is already at step {start}; pass --steps {start} or more to resume it")
+            raise UserError(
+                f"{run_dir} is already at step {start}; pass --steps {start} or more to resume it"
+            )
     elif runs.user_entries(run_dir):
         runs.clear_run(run_dir)  # --overwrite, every argument checked
     runs.mark_run(run_dir)
