@@ -108,14 +108,16 @@ def _export_run(run_dir: Path, device: str) -> dict[str, Path]:
     return files
 
 
-def render_run(run_dir: Path | str, shading: Shading = "albedo", device: str = "cpu") -> list[Path]:
+def render_run(
+    run_dir: Path | str, shading: Shading = "albedo", device: str = "cpu", progress: bool = False
+) -> list[Path]:
     """Turntable (gif, mp4) of a run's last checkpoint in `shading`, in `run_dir/render-<shading>/`."""
     run_dir = Path(run_dir)
     with runs.locked(run_dir):
         config, scene, _ = load_scene(run_dir, device)
         out = run_dir / f"render-{shading}"
         out.mkdir(exist_ok=True)
-        frames = render_turntable(scene.nerf, scene.background, config.export, shading)
+        frames = render_turntable(scene.nerf, scene.background, config.export, shading, progress)
         return write_turntable(frames, out, config.export.turntable_fps)
 
 

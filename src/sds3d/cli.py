@@ -217,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from sds3d.api import render_run
 
-    for path in render_run(args.run_dir, args.shading):
+    for path in render_run(args.run_dir, args.shading, progress=True):
         print(path)
     return 0
 

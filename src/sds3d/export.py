@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from sds3d.cameras import orbit_cameras, turntable_cameras
 from sds3d.errors import UserError
@@ -319,7 +320,11 @@ def render_mesh_turntable(mesh: MeshOutput, config: ExportConfig) -> np.ndarray:
 
 @torch.no_grad()
 def render_turntable(
-    nerf: HashGridNeRF, background: Background, config: ExportConfig, shading: Shading = "albedo"
+    nerf: HashGridNeRF,
+    background: Background,
+    config: ExportConfig,
+    shading: Shading = "albedo",
+    progress: bool = False,
 ) -> np.ndarray:
     """[N, H, W, 3] uint8 volume renders of the NeRF on a fixed orbit (from the front, azimuth 0°),
     shaded as `shading` (lit shadings use the mesh turntable's light)."""
@@ -328,7 +333,9 @@ def render_turntable(
                              config.view_fovy_deg, res, res)  # fmt: skip
     dev = next(nerf.parameters()).device
     frames = []
-    for i in range(len(cams)):
+    for i in tqdm(
+        range(len(cams)), desc=f"render {shading}", unit="frame", disable=not progress, leave=False
+    ):
         cam = cams[i].to(dev)
         lights = _turntable_lights(cam) if shading != "albedo" else None
         out = render(nerf, background, cam, config.num_samples, shading=shading, light_positions=lights,
