@@ -484,3 +484,22 @@ def test_generate_config_reruns_a_runs_config_in_a_new_folder(trained_run, tmp_p
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     if head.returncode == 0:  # run from a checkout: the commit is recorded
         assert summary["versions"]["git_commit"] == head.stdout.strip()
+
+
+def test_resuming_to_fewer_steps_than_the_checkpoint_is_one_line(run, capsys):
+    before = snapshot(run)
+    err = one_line_error(
+        capsys, ["generate", PROMPT, "--out", run, "--resume", "--steps", 3, "--no-progress"]
+    )
+    assert "already at step 4" in err and snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [(["--out", "{afile}"], "is a file"), (["--out", "{tmp}/p", "--device", "tpu"], "unknown device 'tpu'")],
+)
+def test_bad_prior_train_arguments_are_one_line(tmp_path, capsys, extra, needle):
+    (tmp_path / "afile").write_text("not a folder")
+    argv = ["prior", "train", *[a.format(afile=tmp_path / "afile", tmp=tmp_path) for a in extra]]
+    assert needle in one_line_error(capsys, argv)
+    assert not (tmp_path / "p").exists()

@@ -104,7 +104,7 @@ def _export_run(run_dir: Path, device: str) -> dict[str, Path]:
         "step": step, "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
         "iso_level": mesh.iso_level, "silhouette_iou": mesh.silhouette_iou,
     }  # fmt: skip
-    (run_dir / "mesh.json").write_text(json.dumps(mesh_info, indent=2))
+    runs.write_atomic(run_dir / "mesh.json", json.dumps(mesh_info, indent=2))
     return files
 
 
@@ -151,5 +151,5 @@ def _generate(
         "mesh": json.loads((run_dir / "mesh.json").read_text()),
         "files": {k: str(v.name) for k, v in out.files.items()}, "versions": software_versions(),
     }  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(out.summary, indent=2))
+    runs.write_atomic(run_dir / "summary.json", json.dumps(out.summary, indent=2))
     return out

@@ -231,8 +231,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_prior(args: argparse.Namespace) -> int:
+    from sds3d.devices import check_device
     from sds3d.prior.train import PriorTrainConfig, train_prior
 
+    check_device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder")
     config = PriorTrainConfig()
     if args.steps is not None:
         config.steps = args.steps

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from sds3d.ramp import Ramp, Scheduled
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+from sds3d.runs import write_atomic
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
 GUIDANCE_KINDS: dict[str, type] = {
@@ -309,9 +309,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit unsigned seed
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Written beside and renamed over, so a crash never leaves half a config.json."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(to_dict(config), indent=2))
 
 
 def load_config(path: Path) -> RunConfig:

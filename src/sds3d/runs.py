@@ -156,7 +156,7 @@ def is_run(run_dir: Path) -> bool:
 def mark_run(run_dir: Path) -> None:
     import sds3d
 
-    (run_dir / MARKER).write_text(json.dumps({"sds3d": sds3d.__version__, "pid": os.getpid()}) + "\n")
+    write_atomic(run_dir / MARKER, json.dumps({"sds3d": sds3d.__version__, "pid": os.getpid()}) + "\n")
 
 
 def user_entries(run_dir: Path) -> list[Path]:
@@ -213,6 +213,11 @@ def _write_synced(path: Path, data: bytes) -> Path:
     return tmp
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """`path` with `text`, written beside and renamed over: a crash never leaves half a file."""
+    os.replace(_write_synced(path, text.encode()), path)
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """`checkpoints/last.pt` (+ its SHA-256); the previous one becomes `prev.pt`. Every moment of
     the rotation leaves a file whose digest is recorded in a sidecar, so a crash anywhere in it
@@ -228,7 +233,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         if _sidecar(last).is_file():
             os.replace(_sidecar(last), _sidecar(prev))
     # prev.pt is recorded in prev's sidecar now, so last's may take the new digest.
-    os.replace(_write_synced(_sidecar(last), (_digest(data) + "\n").encode()), _sidecar(last))
+    write_atomic(_sidecar(last), _digest(data) + "\n")
     os.replace(tmp, last)
 
 
