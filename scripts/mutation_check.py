@@ -38,6 +38,7 @@ MUTATIONS = [
     ('export.py', 'light_positions=_turntable_lights(cams) if config.turntable_lit else None', 'light_positions=None', 'tests/test_export.py -k lit'),
     ('cli.py', '    if not 0 <= value <= 2**64 - 1:', '    if False:', 'tests/test_run_safety.py -k seed'),
     ('runs.py', 'if bad:  # training', 'if False:  # training', 'tests/test_run_safety.py -k nan_values'),
+    ('train.py', '        runs.check_new_run(run_dir, overwrite)\n', '        runs.check_new_run(run_dir, overwrite)\n        if overwrite and runs.user_entries(run_dir):\n            runs.clear_run(run_dir)\n', 'tests/test_run_safety.py -k prompt_before'),
 ]
 # fmt: on
 
