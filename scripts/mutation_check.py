@@ -20,14 +20,14 @@ SRC = ROOT / "src" / "sds3d"
 # (file, original text, mutated text, pytest selection)
 # fmt: off
 MUTATIONS = [
-    ('guidance/base.py', 'sds.t_max_end, sds.t_drop_at', '0.5, 0.5', 'tests/test_guidance_base.py -k t_max'),
-    ('guidance/base.py', 'sds.t_max_end, sds.t_drop_at', 'sds.t_max_end, 0.5', 'tests/test_guidance_base.py -k drop'),
-    ('guidance/base.py', 'grad = diffusion.nan_guard(grad)', 'pass', 'tests/test_guidance_base.py -k nan'),
+    ('rules/sds.py', 'c.t_max_end, c.t_drop_at', '0.5, 0.5', 'tests/test_rules.py -k t_max'),
+    ('rules/sds.py', 'c.t_max_end, c.t_drop_at', 'c.t_max_end, 0.5', 'tests/test_rules.py -k drop'),
+    ('rules/sds.py', 'grad = diffusion.nan_guard(grad)', 'pass', 'tests/test_rules.py -k nan'),
     ('render/volume.py', 'rgb_fg + (1 - opacity) * bg', 'rgb_fg + (1 - opacity.detach()) * bg', 'tests/test_render.py -k finite_difference_gradient'),
     ('export.py', '[0.0, -1.0, 0.0]]', '[0.0, 1.0, 0.0]]', 'tests/test_export.py -k mirrored'),
-    ('train.py', 'torch.Generator().manual_seed(config.seed)', 'torch.Generator().manual_seed(0)', 'tests/test_guidance_base.py -k seed'),
+    ('train.py', 'torch.Generator().manual_seed(config.seed)', 'torch.Generator().manual_seed(0)', 'tests/test_rules.py -k seed'),
     ('guidance/analytic.py', 'alpha**2 * self.config.std**2', 'alpha * self.config.std**2', 'tests/test_priors.py -k exact_noise'),
-    ('diffusion.py', 'eps) / a.sqrt()', 'eps) / a', 'tests/test_guidance_base.py -k predict_x0'),
+    ('diffusion.py', 'eps) / a.sqrt()', 'eps) / a', 'tests/test_rules.py -k predict_x0'),
     ('runs.py', 'if digests and _digest(data) not in digests:', 'if False:', 'tests/test_run_safety.py -k changed_after'),
     ('runs.py', '    if not is_run(run_dir):\n        raise', '    if False:\n        raise', 'tests/test_run_safety.py -k never_deletes'),
     ('train.py', '                group[key] = new[key]', '                pass', 'tests/test_run_safety.py -k learning_rate'),
@@ -39,6 +39,7 @@ MUTATIONS = [
     ('cli.py', '    if not 0 <= value <= 2**64 - 1:', '    if False:', 'tests/test_run_safety.py -k seed'),
     ('runs.py', 'if bad:  # training', 'if False:  # training', 'tests/test_run_safety.py -k nan_values'),
     ('train.py', '        runs.check_new_run(run_dir, overwrite)\n', '        runs.check_new_run(run_dir, overwrite)\n        if overwrite and runs.user_entries(run_dir):\n            runs.clear_run(run_dir)\n', 'tests/test_run_safety.py -k prompt_before'),
+    ('rules/sds.py', 'literal = c.kind == "literal"', 'literal = False', 'tests/test_rules.py -k formula'),
 ]
 # fmt: on
 

@@ -107,7 +107,7 @@ def main() -> None:
             prof.step()
 
         run = dataclasses.replace(config, steps=WARMUP + ACTIVE + 1)
-        train_module.train(run, Path(tmp) / "run", progress=False, guidance=guidance, on_step=on_step)
+        train_module.train(run, Path(tmp) / "run", progress=False, prior=guidance, on_step=on_step)
     torch.cuda.synchronize()
     wall = statistics.median(
         a.elapsed_time(b) for a, b in zip(marks[WARMUP:], marks[WARMUP + 1 :], strict=False)

@@ -218,3 +218,10 @@ def tiny_diffusers_run(model, size: int, steps: int):
     config.renderer.num_samples = 8
     return dataclasses.replace(config, prompt="a red cube", steps=steps, validate_every=0,
                                guidance=DiffusersGuidanceConfig(model=str(model)))  # fmt: skip
+
+
+def sds_step(prior, rgb, cond, uncond, step_ratio: float, scale: float, **kwargs):
+    """One step of the SDS rule with CFG scale `scale` (its other settings the defaults)."""
+    from sds3d.rules import SDSRuleConfig
+
+    return SDSRuleConfig(guidance_scale=scale).build()(prior, rgb, cond, uncond, step_ratio, **kwargs)

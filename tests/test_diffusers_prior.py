@@ -7,13 +7,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from conftest import tiny_diffusers_run
+from conftest import sds_step, tiny_diffusers_run
 from sds3d.cameras import CameraConfig, sample_cameras
 from sds3d.errors import UserError
-from sds3d.guidance.base import SDSConfig
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.render.volume import render
-from sds3d.train import build_guidance, build_scene, train
+from sds3d.train import build_prior, build_scene, train
 
 
 def test_loads_tokenises_and_predicts(tiny_pixel_model):
@@ -39,14 +38,12 @@ def test_loads_tokenises_and_predicts(tiny_pixel_model):
 
 def test_sds_gradient_equals_an_independent_diffusers_computation(tiny_pixel_model):
     scale = 7.5
-    guidance = DiffusersGuidanceConfig(
-        model=str(tiny_pixel_model), sds=SDSConfig(guidance_scale=scale)
-    ).build(CameraConfig())
+    guidance = DiffusersGuidanceConfig(model=str(tiny_pixel_model)).build(CameraConfig())
     rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     cond = [guidance.encode_prompt("a red cube")] * 2
     uncond = [guidance.encode_prompt("")] * 2
-    out = guidance(rgb, cond, uncond, 0.3, generator=torch.Generator().manual_seed(1))
-    (ours,) = torch.autograd.grad(out.loss, rgb)
+    out = sds_step(guidance, rgb, cond, uncond, 0.3, scale, generator=torch.Generator().manual_seed(1))
+    (ours,) = torch.autograd.grad(out.losses["sds"], rgb)
 
     # The same step by hand from diffusers' own pieces, with the same t and ε.
     g = torch.Generator().manual_seed(1)
@@ -74,11 +71,11 @@ def test_sds_steps_train_a_nerf_and_leave_the_prior_untouched(tiny_pixel_model, 
     assert out.steps_done == 3 and out.final_losses["grad_norm"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
     # One step by hand: gradients reach the NeRF's tables, none reach the U-Net or text encoder.
-    scene, guidance = build_scene(config), build_guidance(config)
+    scene, guidance = build_scene(config), build_prior(config)
     cams = sample_cameras(config.camera, torch.Generator().manual_seed(0))
     rgb = render(scene.nerf, scene.background, cams, config.renderer.num_samples).rgb
     emb = [guidance.encode_prompt(config.prompt)]
-    guidance(rgb, emb, [guidance.encode_prompt("")], 0.5).loss.backward()
+    sds_step(guidance, rgb, emb, [guidance.encode_prompt("")], 0.5, 20.0).losses["sds"].backward()
     tables = scene.nerf.encoding.tables.grad
     assert tables is not None and torch.isfinite(tables).all() and tables.abs().sum() > 0
     assert all(p.grad is None for p in [*guidance.unet.parameters(), *guidance.text_encoder.parameters()])

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from conftest import tiny_diffusers_run
+from conftest import sds_step, tiny_diffusers_run
 from sds3d.cameras import CameraConfig, sample_cameras
 from sds3d.config import preset
-from sds3d.guidance.base import SDSConfig
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.render.volume import render
 from sds3d.train import build_scene, train
@@ -35,11 +34,11 @@ def test_sd_layout_loads_with_its_vae(tiny_sd_model):
 
 def test_latent_sds_gradient_equals_an_independent_diffusers_computation(tiny_sd_model):
     scale = 7.5
-    guidance = _guidance(tiny_sd_model, sds=SDSConfig(guidance_scale=scale))
+    guidance = _guidance(tiny_sd_model)
     rgb = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     cond, uncond = [guidance.encode_prompt("a red cube")] * 2, [guidance.encode_prompt("")] * 2
-    out = guidance(rgb, cond, uncond, 0.3, generator=torch.Generator().manual_seed(1))
-    (ours,) = torch.autograd.grad(out.loss, rgb)
+    out = sds_step(guidance, rgb, cond, uncond, 0.3, scale, generator=torch.Generator().manual_seed(1))
+    (ours,) = torch.autograd.grad(out.losses["sds"], rgb)
 
     # By hand from diffusers' pieces, with the step's t and ε: encode, noise, CFG, w(t)(ε̂ − ε).
     vae = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae")
@@ -71,7 +70,7 @@ def test_latent_sds_trains_a_nerf_through_the_vae_and_leaves_the_prior_untouched
     rgb = render(scene.nerf, scene.background, cams, config.renderer.num_samples).rgb
     rgb.retain_grad()  # the VAE encoder's input
     emb = [guidance.encode_prompt(config.prompt)]
-    guidance(rgb, emb, [guidance.encode_prompt("")], 0.5).loss.backward()
+    sds_step(guidance, rgb, emb, [guidance.encode_prompt("")], 0.5, 20.0).losses["sds"].backward()
     assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
     tables = scene.nerf.encoding.tables.grad
     assert tables is not None and torch.isfinite(tables).all() and tables.abs().sum() > 0
@@ -85,22 +84,30 @@ def test_the_text_encoder_can_be_released_after_encoding(tiny_sd_model):
     guidance.release_text_encoder()
     assert guidance.text_encoder is None
     rgb = torch.rand(1, 3, 16, 16)
-    assert torch.isfinite(guidance(rgb, [emb], [emb], 0.5).loss)
+    assert torch.isfinite(sds_step(guidance, rgb, [emb], [emb], 0.5, 20.0).losses["sds"])
     with pytest.raises(RuntimeError, match="released"):
         guidance.encode_prompt("a blue torus")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_prior_gives_float32_gradients(tiny_sd_model, dtype):
-    guidance = _guidance(tiny_sd_model, dtype=dtype, sds=SDSConfig(guidance_scale=5.0))
+    guidance = _guidance(tiny_sd_model, dtype=dtype)
     assert guidance.unet.dtype == guidance.vae.dtype == getattr(torch, dtype)
     rgb = torch.rand(2, 3, 16, 16).requires_grad_(True)
     emb = [guidance.encode_prompt("a red cube")] * 2
-    out = guidance(
-        rgb, emb, [guidance.encode_prompt("")] * 2, 0.5, generator=torch.Generator().manual_seed(0)
+    out = sds_step(
+        guidance,
+        rgb,
+        emb,
+        [guidance.encode_prompt("")] * 2,
+        0.5,
+        5.0,
+        generator=torch.Generator().manual_seed(0),
     )
-    out.loss.backward()
-    assert out.loss.dtype == torch.float32 and rgb.grad is not None and rgb.grad.dtype == torch.float32
+    out.losses["sds"].backward()
+    assert (
+        out.losses["sds"].dtype == torch.float32 and rgb.grad is not None and rgb.grad.dtype == torch.float32
+    )
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
 
 
@@ -128,7 +135,7 @@ def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
     from sds3d.representations.nerf import LatentWarmupConfig
 
     scale = 7.5
-    guidance = _guidance(tiny_sdxl_model, sds=SDSConfig(guidance_scale=scale))
+    guidance = _guidance(tiny_sdxl_model)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     cond, uncond = guidance.encode_prompt("a red cube"), guidance.encode_prompt("")
     embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
@@ -146,8 +153,10 @@ def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
     assert torch.equal(guidance.add_time_ids, time_ids[0])
 
     rgb = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    out = guidance(rgb, [cond] * 2, [uncond] * 2, 0.3, generator=torch.Generator().manual_seed(1))
-    (ours,) = torch.autograd.grad(out.loss, rgb)
+    out = sds_step(
+        guidance, rgb, [cond] * 2, [uncond] * 2, 0.3, scale, generator=torch.Generator().manual_seed(1)
+    )
+    (ours,) = torch.autograd.grad(out.losses["sds"], rgb)
     leaf = rgb.detach().requires_grad_(True)
     image = F.interpolate(leaf, size=(16, 16), mode="bilinear", antialias=True) * 2 - 1
     latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -178,7 +187,7 @@ def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
 
 
 def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
-    guidance = _guidance(tiny_if_model, sds=SDSConfig(guidance_scale=20.0))
+    guidance = _guidance(tiny_if_model)
     assert guidance.vae is None and type(guidance.text_encoder).__name__ == "T5EncoderModel"
     emb = guidance.encode_prompt("a red cube")
     assert emb.shape == (guidance.tokenizer.model_max_length, 24)
@@ -200,7 +209,7 @@ def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     config.camera.width = config.camera.height = 32
     config.renderer.num_samples = 16
     config.nerf.grid.log2_table_size = 15
-    assert isinstance(config.guidance, DiffusersGuidanceConfig) and config.guidance.sds.guidance_scale in (
+    assert isinstance(config.guidance, DiffusersGuidanceConfig) and config.rule.guidance_scale in (
         101.0,
         21.0,
     )
@@ -332,7 +341,7 @@ def test_latent_warmup_skips_the_vae_then_trains_through_it_and_resumes(tiny_sd_
     def watch(step, scene):
         calls_after_step.append(len(encoder_batches))
 
-    out = train(config, tmp_path / "a", progress=False, guidance=guidance, on_step=watch)
+    out = train(config, tmp_path / "a", progress=False, prior=guidance, on_step=watch)
     assert out.steps_done == 4 and out.final_losses["grad_norm"] > 0
     assert encoder_batches[0] == 4  # the maps' fit: 4 images of colour blocks
     assert calls_after_step == [1, 1, 2, 3]  # steps 1–2: no encoder; steps 3–4: one call each

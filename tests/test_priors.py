@@ -14,7 +14,7 @@ from sds3d.guidance.analytic import (
     ImageSet,
     WorldViewsConfig,
 )
-from sds3d.guidance.base import SDSConfig
+from sds3d.rules import SDSRuleConfig
 from sds3d.world import parse_prompt
 
 RES, PARTICLES = 4, 64
@@ -24,9 +24,9 @@ def _gaussian_sds(weighting: str, scale: float, steps: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     mu_y = torch.rand(3, RES, RES, generator=g) - 0.5
     mu_0 = torch.rand(3, RES, RES, generator=g) - 0.5
-    config = GaussianPriorGuidanceConfig(sds=SDSConfig(guidance_scale=scale, weighting=weighting), std=0.5,
-                                         views=WorldViewsConfig(resolution=RES))  # fmt: skip
+    config = GaussianPriorGuidanceConfig(std=0.5, views=WorldViewsConfig(resolution=RES))
     guidance = config.build(CameraConfig(), means={"y": mu_y, "": mu_0})
+    rule = SDSRuleConfig(guidance_scale=scale, weighting=weighting).build()
     # The free "image" is the render itself, in [0, 1]; the prior works in [−1, 1].
     fixed_point = (mu_y + (scale - 1) * (mu_y - mu_0) + 1) / 2
     x = torch.rand(PARTICLES, 3, RES, RES, generator=g).requires_grad_(True)
@@ -35,8 +35,8 @@ def _gaussian_sds(weighting: str, scale: float, steps: int, seed: int = 0):
     w_mean = sds_weight(guidance.alphas_cumprod[20:981], weighting).mean().item()
     average = torch.zeros_like(fixed_point)
     for k in range(steps):
-        out = guidance(x, cond, uncond, k / steps, generator=g)
-        (grad,) = torch.autograd.grad(out.loss, x)
+        out = rule(guidance, x, cond, uncond, k / steps, generator=g)
+        (grad,) = torch.autograd.grad(out.losses["sds"], x)
         with torch.no_grad():  # SGD with a decaying step; the loss is a batch mean, hence × PARTICLES
             x -= PARTICLES * 0.5 / (1 + k / 20) / w_mean * grad
         if k >= steps // 2:  # Polyak averaging of the particle mean over the second half

@@ -170,3 +170,11 @@ def view_labels(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, overhead
         else:
             labels.append("side")
     return labels
+
+
+def concat_cameras(a: Cameras, b: Cameras) -> Cameras:
+    """Two batches of cameras (of one image size) as one."""
+    return Cameras(
+        torch.cat([a.c2w, b.c2w]), torch.cat([a.fovy_deg, b.fovy_deg]), torch.cat([a.elevation_deg, b.elevation_deg]),
+        torch.cat([a.azimuth_deg, b.azimuth_deg]), torch.cat([a.radius, b.radius]), a.width, a.height,
+    )  # fmt: skip

@@ -43,6 +43,7 @@ def _seed(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from sds3d.config import GUIDANCE_KINDS, PRESETS
+    from sds3d.rules import RULES
 
     parser = _Parser(prog="sds3d", description="Text to 3D by Score Distillation Sampling, on any machine.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--prior", help=f"override the preset's prior: {', '.join(GUIDANCE_KINDS)}")
     g.add_argument(
+        "--rule", help=f"override the preset's distillation rule: {', '.join(RULES)} (`sds3d rules`)"
+    )
+    g.add_argument(
         "--model", help="diffusers folder or hub id of the diffusers prior (implies --prior diffusers)"
     )
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", type=Path)
     r.add_argument("--shading", default="albedo", choices=["albedo", "lambertian", "textureless"])
     sub.add_parser("presets", help="list the presets")
+    sub.add_parser("rules", help="list the distillation rules, with their papers and equations")
     p = sub.add_parser("prior", help="the built-in prior").add_subparsers(
         dest="prior_command", required=True, parser_class=_Parser
     )
@@ -114,6 +119,7 @@ def _resolve_config(args: argparse.Namespace):
     from sds3d.config import GUIDANCE_KINDS, DiffusersGuidanceConfig, check_config, load_config, preset
     from sds3d.devices import check_device
     from sds3d.prompts import validate_prompt
+    from sds3d.rules import RULES
 
     if args.config is not None and (args.resume or args.preset):
         raise UserError(f"--config cannot be combined with {'--resume' if args.resume else '--preset'}")
@@ -140,7 +146,9 @@ def _resolve_config(args: argparse.Namespace):
             if prior not in GUIDANCE_KINDS:
                 raise UserError(f"unknown prior {prior!r}; choose from {', '.join(GUIDANCE_KINDS)}")
             if prior == "diffusers":
-                if isinstance(config.guidance, DiffusersGuidanceConfig):  # keep the preset's SDS settings
+                if isinstance(
+                    config.guidance, DiffusersGuidanceConfig
+                ):  # keep the preset's dtype and compilation
                     config.guidance = dataclasses.replace(
                         config.guidance, model=args.model or config.guidance.model
                     )
@@ -152,6 +160,10 @@ def _resolve_config(args: argparse.Namespace):
                 raise UserError(f"--model is for the diffusers prior, not {prior!r}")
             elif config.guidance.kind != prior:
                 config.guidance = GUIDANCE_KINDS[prior]()
+        if args.rule is not None:
+            if args.rule not in RULES:
+                raise UserError(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
+            config.rule = dataclasses.replace(config.rule, kind=args.rule)  # the preset's t, w(t) and CFG
         if args.seed is not None:
             config.seed = args.seed
         if args.latent_warmup is not None:
@@ -222,6 +234,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from sds3d.rules import RULES
+
+    for name, info in RULES.items():
+        print(f"{name:10s} {info.paper}\n{'':10s} {info.equation}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from sds3d.config import PRESET_NOTES, PRESETS
 
@@ -279,7 +299,7 @@ def _quote(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets,
+    commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets, "rules": cmd_rules,
                 "prior": cmd_prior, "bench": cmd_bench}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)

@@ -25,13 +25,13 @@ from sds3d.guidance.analytic import (
     GaussianPriorGuidanceConfig,
     WorldViewsConfig,
 )
-from sds3d.guidance.base import SDSConfig
 from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidanceConfig
 from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp, Scheduled
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+from sds3d.rules import RuleConfig, SDSRuleConfig
 from sds3d.runs import write_atomic
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
@@ -77,6 +77,7 @@ class RunConfig:
     latent_warmup: LatentWarmupConfig = field(default_factory=LatentWarmupConfig)
     renderer: VolumeRendererConfig = field(default_factory=VolumeRendererConfig)
     guidance: GuidanceConfig = field(default_factory=EmpiricalPriorGuidanceConfig)
+    rule: RuleConfig = field(default_factory=SDSRuleConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -98,9 +99,8 @@ _DEFAULT = RunConfig(
     ),
     nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=8, max_resolution=128)),
     renderer=VolumeRendererConfig(num_samples=40),
-    guidance=DiffusersGuidanceConfig(
-        model=BUILTIN_PRIOR, sds=SDSConfig(guidance_scale=20.0, t_schedule="linear", t_max_end=0.3)
-    ),
+    guidance=DiffusersGuidanceConfig(model=BUILTIN_PRIOR),
+    rule=SDSRuleConfig(guidance_scale=20.0, t_schedule="linear", t_max_end=0.3),
     regularizers=RegularizerConfig(entropy=Ramp(0.0, 0.05, 0.3, 1.0)),
 )
 # The empirical prior of the synthetic world (the exact denoiser of 256 ground-truth renders per
@@ -109,10 +109,10 @@ _DEFAULT = RunConfig(
 _EMPIRICAL = dataclasses.replace(
     _DEFAULT, preset="empirical", steps=400, validate_every=100,
     guidance=EmpiricalPriorGuidanceConfig(
-        sds=SDSConfig(guidance_scale=1.0, t_schedule="linear", t_max_end=0.3),
         views=WorldViewsConfig(resolution=32, views_per_object=256),
         camera_kernel_deg=10.0,
     ),
+    rule=SDSRuleConfig(guidance_scale=1.0, t_schedule="linear", t_max_end=0.3),
 )  # fmt: skip
 
 # --- Stable Diffusion and DeepFloyd IF (GPU; weights by hub id, fetched once where the hub is reachable)
@@ -132,10 +132,8 @@ _DREAMFUSION = dataclasses.replace(
     background=BackgroundConfig(kind="learned"),
     renderer=VolumeRendererConfig(num_samples=64, albedo_prob=0.2, textureless_prob=0.5),
     regularizers=RegularizerConfig(orientation=Ramp(10.0, 1000.0, 0.0, 0.5), sparsity=1.0),
-    guidance=DiffusersGuidanceConfig(
-        model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16",
-        sds=SDSConfig(guidance_scale=101.0, weighting="dreamfusion", t_min=0.02, t_max=0.98),
-    ),
+    guidance=DiffusersGuidanceConfig(model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16"),
+    rule=SDSRuleConfig(guidance_scale=101.0, weighting="dreamfusion", t_min=0.02, t_max=0.98),
 )  # fmt: skip
 
 PRESETS: dict[str, RunConfig] = {
@@ -146,18 +144,18 @@ PRESETS: dict[str, RunConfig] = {
     # The analytic Gaussian prior: N(mean render, 0.5²I) per prompt. A smoke test of the whole path.
     "gaussian": dataclasses.replace(
         _DEFAULT, preset="gaussian", steps=200,
-        guidance=GaussianPriorGuidanceConfig(sds=SDSConfig(guidance_scale=1.0), views=WorldViewsConfig(resolution=32)),
+        guidance=GaussianPriorGuidanceConfig(views=WorldViewsConfig(resolution=32)), rule=SDSRuleConfig(guidance_scale=1.0),
     ),
     # The literal diffusion loss, back-propagated through the denoiser (the Jacobian SDS omits).
     "literal": dataclasses.replace(
         _EMPIRICAL, preset="literal",
-        guidance=dataclasses.replace(_EMPIRICAL.guidance, sds=dataclasses.replace(_EMPIRICAL.guidance.sds, mode="literal")),
+        rule=dataclasses.replace(_EMPIRICAL.rule, kind="literal"),
     ),
     "dreamfusion-sd": dataclasses.replace(_DREAMFUSION, preset="dreamfusion-sd"),
     "dreamfusion-if": dataclasses.replace(
         _DREAMFUSION, preset="dreamfusion-if",
-        guidance=DiffusersGuidanceConfig(model="DeepFloyd/IF-I-XL-v1.0", dtype="bfloat16",
-                                         sds=SDSConfig(guidance_scale=21.0, t_min=0.02, t_max=0.98)),
+        guidance=DiffusersGuidanceConfig(model="DeepFloyd/IF-I-XL-v1.0", dtype="bfloat16"),
+        rule=SDSRuleConfig(guidance_scale=21.0, t_min=0.02, t_max=0.98),
     ),
     # Ours: the dreamfusion-sd recipe in 3,000 steps with t_max annealed 0.98 → 0.5 (HiFA's sqrt
     # schedule); U-Net and VAE encoder compiled and replayed as CUDA graphs; the NeRF's field query
@@ -170,8 +168,8 @@ PRESETS: dict[str, RunConfig] = {
         guidance=DiffusersGuidanceConfig(
             model="stabilityai/stable-diffusion-2-1-base", dtype="bfloat16", compile=True,
             compile_mode="reduce-overhead", channels_last=True,
-            sds=SDSConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
         ),
+        rule=SDSRuleConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
     ),
 }  # fmt: skip
 
@@ -290,6 +288,19 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def upgrade(data: Any) -> Any:
+    """A config.json of an earlier sds3d in today's form: before the Rule seam the SDS settings
+    were `guidance.sds` with `mode` "sds"/"literal"; they are `rule` with that `kind` now."""
+    if isinstance(data, dict) and isinstance(data.get("guidance"), dict) and "sds" in data["guidance"]:
+        data = {**data, "guidance": dict(data["guidance"])}
+        sds = data["guidance"].pop("sds")
+        if isinstance(sds, dict) and "rule" not in data:
+            sds = dict(sds)
+            sds["kind"] = sds.pop("mode", "sds")
+            data["rule"] = sds
+    return data
+
+
 def check_config(config: RunConfig, where: str = "config") -> RunConfig:
     """Values no run can use, found before anything is built."""
     for name in ("steps", "checkpoint_every"):
@@ -321,6 +332,6 @@ def load_config(path: Path) -> RunConfig:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
     try:
-        return check_config(from_dict(RunConfig, data))
+        return check_config(from_dict(RunConfig, upgrade(data)))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

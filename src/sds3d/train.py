@@ -3,7 +3,8 @@
 One step (numbered as in the loop below):
 1. sample random cameras (cameras.py) and a shading mode and light (render/volume.py);
 2. render the NeRF (representations/nerf.py, render/volume.py);
-3. look up the texts for these views (prompts.py) and take the SDS loss from the prior (guidance/);
+3. look up the texts for these views (prompts.py) and take the rule's losses (rules/) from the
+   frozen prior (guidance/);
 4. add the regularisers (losses.py) and take an Adam step.
 With a latent warm-up (`config.latent_warmup`, Latent-NeRF) the first steps render latents,
 unshaded, straight into the U-Net; at its end the scene's RGB heads are written from its latent
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,11 +34,12 @@ from sds3d.cameras import orbit_cameras, sample_cameras
 from sds3d.config import RunConfig, load_config, save_config
 from sds3d.devices import to_device
 from sds3d.errors import UserError
-from sds3d.guidance.base import NoisePredictionGuidance
+from sds3d.guidance.base import Prior
 from sds3d.prompts import PromptProcessor
 from sds3d.ramp import value_at
 from sds3d.render.volume import choose_shading, render, sample_lights
 from sds3d.representations.nerf import Background, HashGridNeRF
+from sds3d.rules.base import Rule
 
 CHECKPOINT = runs.CHECKPOINT
 # Validation views: front, side, back and overhead, as labelled by view-dependent prompting.
@@ -101,8 +103,12 @@ def build_scene(config: RunConfig) -> Scene:
     return Scene(config).to(config.device)
 
 
-def build_guidance(config: RunConfig) -> NoisePredictionGuidance:
+def build_prior(config: RunConfig) -> Prior:
     return config.guidance.build(config.camera).to(config.device)
+
+
+def build_rule(config: RunConfig) -> Rule:
+    return config.rule.build().to(config.device)
 
 
 def build_optimizer(config: RunConfig, scene: Scene) -> torch.optim.Optimizer:
@@ -227,19 +233,20 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step=None,
-    guidance: NoisePredictionGuidance | None = None,
+    prior: Prior | None = None,
     overwrite: bool = False,
 ) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
     `on_step(step, scene)` is called after each completed step (used by tests and benchmarks);
-    `guidance` replaces the one `config.guidance` builds (the speed benchmark's random-weight models);
+    `prior` replaces the one `config.guidance` builds (shared between runs, or the speed benchmark's
+    random-weight models): it is used as it is and never changed;
     `overwrite` replaces an earlier run in `run_dir` (runs.py says what it removes), once the
     prompt has been checked. The run folder is locked for the whole call.
     """
     run_dir = Path(run_dir)
     with runs.locked(run_dir, create=not resume):
-        return _train(config, run_dir, resume, progress, on_step, guidance, overwrite)
+        return _train(config, run_dir, resume, progress, on_step, prior, overwrite)
 
 
 def _train(
@@ -248,7 +255,7 @@ def _train(
     resume: bool,
     progress: bool,
     on_step,
-    guidance: NoisePredictionGuidance | None,
+    prior: Prior | None,
     overwrite: bool,
 ) -> TrainOutput:
     if resume:
@@ -257,14 +264,16 @@ def _train(
     else:
         runs.check_new_run(run_dir, overwrite)
     # The prior next: a missing model or an unknown prompt fails before anything is written or removed.
-    guidance = build_guidance(config) if guidance is None else guidance
-    prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
-    prompts.precompute()  # every text once; then the text encoder goes (large for SD and IF)
-    release = getattr(guidance, "release_text_encoder", None)
-    if callable(release):
+    owned = prior is None
+    prior = build_prior(config) if prior is None else prior
+    rule = build_rule(config)
+    prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
+    prompts.precompute()  # every text once; then our own prior's text encoder goes (large for SD and IF)
+    release = getattr(prior, "release_text_encoder", None)
+    if owned and callable(release):
         release()
     warmup = config.latent_warmup
-    latent_maps = _latent_maps(guidance, warmup.channels) if warmup.steps > 0 else None
+    latent_maps = _latent_maps(prior, warmup.channels) if warmup.steps > 0 else None
     scene = build_scene(config)
     optimizer = build_optimizer(config, scene)
     generator = torch.Generator().manual_seed(config.seed)
@@ -317,11 +326,11 @@ def _train(
                 generator=generator, latent=latent,
             )  # fmt: skip
             # 3. Score distillation.
-            g = guidance(out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator,
+            g = rule(prior, out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator,
                          rgb_as_latents=latent)  # fmt: skip
             # 4. Regularisers and the optimiser step.
             opacity = out.opacity.flatten()
-            terms = {"sds": g.loss}
+            terms = dict(g.losses)
             if orientation_w > 0 and out.sample_normals is not None:
                 terms["orientation"] = orientation_w * losses.orientation_loss(
                     out.weights, out.sample_normals, out.ray_dirs, opacity
@@ -330,7 +339,7 @@ def _train(
                 terms["sparsity"] = w * losses.sparsity_loss(opacity)
             if (w := value_at(reg.entropy, step_ratio)) > 0:
                 terms["entropy"] = w * losses.entropy_loss(opacity)
-            loss = sum(terms.values())
+            loss = cast(torch.Tensor, sum(terms.values()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -378,12 +387,12 @@ def _train(
     )  # fmt: skip
 
 
-def _latent_maps(guidance: NoisePredictionGuidance, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guidance's fitted latent↔RGB maps, or one line on why this prior has no latent warm-up."""
-    fit = getattr(guidance, "latent_rgb_maps", None)
+def _latent_maps(prior: Prior, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's fitted latent↔RGB maps, or one line on why this prior has no latent warm-up."""
+    fit = getattr(prior, "latent_rgb_maps", None)
     if fit is None:
         raise UserError(
-            f"the latent warm-up needs a latent diffusion model (with a VAE), not {type(guidance).__name__}"
+            f"the latent warm-up needs a latent diffusion model (with a VAE), not {type(prior).__name__}"
         )
     to_rgb, to_latent = fit()
     if to_rgb.shape[0] - 1 != channels:

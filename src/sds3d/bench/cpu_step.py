@@ -21,7 +21,7 @@ from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import preset
 from sds3d.prompts import PromptProcessor
 from sds3d.render.volume import render
-from sds3d.train import build_guidance, build_optimizer, build_scene
+from sds3d.train import build_optimizer, build_prior, build_rule, build_scene
 
 DEMO_PROMPT = "a blue torus"
 
@@ -29,9 +29,9 @@ DEMO_PROMPT = "a blue torus"
 def time_step_phases(steps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of each phase of the default preset's SDS step."""
     config = dataclasses.replace(preset("default"), prompt=DEMO_PROMPT)
-    scene, guidance = build_scene(config), build_guidance(config)
+    scene, prior, rule = build_scene(config), build_prior(config), build_rule(config)
     optimizer = build_optimizer(config, scene)
-    prompts = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
+    prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
     generator = torch.Generator().manual_seed(0)
     from sds3d.cameras import sample_cameras
 
@@ -49,10 +49,10 @@ def time_step_phases(steps: int, warmup: int) -> dict[str, float]:
         )
         t1 = time.perf_counter()
         cond, uncond = prompts(cams)
-        g = guidance(out.rgb, cond, uncond, i / (warmup + steps), cameras=cams, generator=generator)
+        g = rule(prior, out.rgb, cond, uncond, i / (warmup + steps), cameras=cams, generator=generator)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        g.loss.backward()
+        sum(g.losses.values()).backward()  # type: ignore[union-attr]
         optimizer.step()
         t3 = time.perf_counter()
         if i >= warmup:

@@ -26,7 +26,7 @@ import torch
 from sds3d import diffusion
 from sds3d.cameras import CameraConfig, Cameras, view_labels
 from sds3d.errors import UserError
-from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
+from sds3d.guidance.base import Prior, resize_to
 from sds3d.prompts import strip_view
 from sds3d.world import all_objects, parse_prompt
 from sds3d.world.render import object_views
@@ -94,7 +94,6 @@ def view_directions(cameras: Cameras) -> torch.Tensor:
 
 @dataclass
 class GaussianPriorGuidanceConfig:
-    sds: SDSConfig = field(default_factory=SDSConfig)
     std: float = 0.5  # s: p_y = N(μ_y, s²I)
     views: WorldViewsConfig = field(default_factory=WorldViewsConfig)
     scheduler: dict = field(default_factory=lambda: dict(diffusion.DDPM_SCHEDULER_CONFIG))
@@ -107,7 +106,7 @@ class GaussianPriorGuidanceConfig:
         return GaussianPriorGuidance(self, camera, means)
 
 
-class GaussianPriorGuidance(NoisePredictionGuidance):
+class GaussianPriorGuidance(Prior):
     """N(μ_y, s²I) per prompt. Means come from `means` (text → [3, R, R] in [−1, 1]) or, for world
     prompts, from the average ground-truth render of the object."""
 
@@ -117,7 +116,7 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
         camera: CameraConfig,
         means: dict[str, torch.Tensor] | None = None,
     ):
-        super().__init__(config.sds, config.scheduler)
+        super().__init__(config.scheduler)
         self.config = config
         self.camera = camera
         self.means = dict(means or {})
@@ -151,7 +150,6 @@ class GaussianPriorGuidance(NoisePredictionGuidance):
 
 @dataclass
 class EmpiricalPriorGuidanceConfig:
-    sds: SDSConfig = field(default_factory=SDSConfig)
     views: WorldViewsConfig = field(default_factory=WorldViewsConfig)
     # Camera conditioning (as MVDream's): each set image is weighted by exp(−∠(c, c_i)²/2κ²), the
     # angle between the rendering camera and the image's camera. None: no camera conditioning.
@@ -164,11 +162,11 @@ class EmpiricalPriorGuidanceConfig:
         return EmpiricalPriorGuidance(self, camera)
 
 
-class EmpiricalPriorGuidance(NoisePredictionGuidance):
+class EmpiricalPriorGuidance(Prior):
     """The exact denoiser of a finite image set per prompt (see the module docstring)."""
 
     def __init__(self, config: EmpiricalPriorGuidanceConfig, camera: CameraConfig):
-        super().__init__(config.sds, config.scheduler)
+        super().__init__(config.scheduler)
         self.config = config
         self.camera = camera
         self._views: dict[tuple[WorldObject, int], ImageSet] = {}

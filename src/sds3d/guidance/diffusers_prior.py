@@ -26,7 +26,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from sds3d.cameras import CameraConfig, Cameras
 from sds3d.errors import UserError
-from sds3d.guidance.base import NoisePredictionGuidance, SDSConfig, resize_to
+from sds3d.guidance.base import Prior, resize_to
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Models that ship inside the package, named like hub ids; they resolve to their folder and load
@@ -53,7 +53,6 @@ def resolve_model(model: str) -> str:
 @dataclass
 class DiffusersGuidanceConfig:
     model: str = ""  # hub id, local folder, or a built-in name (BUILTIN_MODELS)
-    sds: SDSConfig = field(default_factory=lambda: SDSConfig(guidance_scale=20.0))
     dtype: str = "float32"
     # Pass the rendering camera to a camera-conditioned U-Net (class_embed_type "projection");
     # False gives it the "no camera" label it was trained with for dropped cameras.
@@ -193,7 +192,7 @@ def read_model_index(model: str) -> dict[str, Any]:
         ) from None
 
 
-class DiffusersGuidance(NoisePredictionGuidance):
+class DiffusersGuidance(Prior):
     """Any text-conditioned `UNet2DConditionModel` pipeline: pixel space (IF stage I, sds3d's prior)
     or latent space when the folder has a `vae` (Stable Diffusion 1.x/2.x, SD-Turbo, SDXL)."""
 
@@ -209,7 +208,7 @@ class DiffusersGuidance(NoisePredictionGuidance):
             if not config.model:
                 raise UserError("the diffusers prior needs a model: a diffusers folder or hub id")
             components = load_pipeline_components(resolve_model(config.model), dtype)
-        super().__init__(config.sds, dict(components["scheduler_config"]))
+        super().__init__(dict(components["scheduler_config"]))
         self.config = config
         self.dtype = dtype
         self.prediction_type = str(components["scheduler_config"].get("prediction_type", "epsilon"))
@@ -217,6 +216,7 @@ class DiffusersGuidance(NoisePredictionGuidance):
             raise UserError(
                 f"{config.model!r} predicts {self.prediction_type!r}; SDS needs epsilon or v_prediction"
             )
+        self._embeddings: dict[str, torch.Tensor | SDXLEmbedding] = {}
         self.tokenizer = components["tokenizer"]
         self.text_encoder: nn.Module | None = components["text_encoder"]
         # SDXL's second tokenizer and encoder (CLIPTextModelWithProjection), else None.
@@ -280,6 +280,13 @@ class DiffusersGuidance(NoisePredictionGuidance):
 
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor | SDXLEmbedding:
+        """The text's embedding, computed once: every run that shares this prior reuses it, also
+        after `release_text_encoder`."""
+        if text not in self._embeddings:
+            self._embeddings[text] = self._encode_prompt(text)
+        return self._embeddings[text]
+
+    def _encode_prompt(self, text: str) -> torch.Tensor | SDXLEmbedding:
         if self.config.model in BUILTIN_MODELS:
             self._check_builtin_vocabulary(text)
         if self.text_encoder is None:

@@ -45,7 +45,7 @@ def sample_images(
     uncond = [guidance.encode_prompt("")] * len(prompts)
     both_cams = None
     if cameras is not None:
-        from sds3d.guidance.base import concat_cameras
+        from sds3d.cameras import concat_cameras
 
         both_cams = concat_cameras(cameras, cameras)
     for t in scheduler.timesteps:
