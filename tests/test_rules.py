@@ -177,17 +177,20 @@ def test_each_rules_gradient_equals_its_formula_for_a_linear_denoiser(kind):
 
 
 def test_a_prior_shared_by_two_runs_is_left_as_it_was(tmp_path):
-    """`train(prior=…)` uses a caller's prior as it is: a second prompt on it still encodes."""
+    """`generate(prior=…)` uses a caller's prior as it is: a second prompt on it still encodes."""
+    from sds3d.api import generate
     from sds3d.config import preset
-    from sds3d.train import build_prior, train
+    from sds3d.train import build_prior
 
     config = preset("fast")
     config.camera.width = config.camera.height = 8
     config.renderer.num_samples = 4
+    config.export = dataclasses.replace(config.export, grid_resolution=24, iso_view_resolution=16,
+                                        turntable_frames=2, turntable_resolution=16, num_samples=16)  # fmt: skip
     config = dataclasses.replace(config, steps=1, validate_every=0)
     prior = build_prior(config)
     for prompt in ("a red cube", "a blue torus"):
-        train(dataclasses.replace(config, prompt=prompt), tmp_path / prompt.replace(" ", "-"), progress=False,
-              prior=prior)  # fmt: skip
+        generate(dataclasses.replace(config, prompt=prompt), tmp_path / prompt.replace(" ", "-"), progress=False,
+                 prior=prior)  # fmt: skip
     assert prior.text_encoder is not None
     assert all(not p.requires_grad for p in prior.parameters())

@@ -31,6 +31,7 @@ from sds3d.export import (
     write_mesh,
     write_turntable,
 )
+from sds3d.guidance.base import Prior
 from sds3d.train import TrainOutput, load_scene, train
 
 SLUG_MAX_CHARS = 48
@@ -127,18 +128,20 @@ def generate(
     resume: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    prior: Prior | None = None,
 ) -> GenerateOutput:
     """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it).
-    `overwrite` replaces an earlier sds3d run in `run_dir` (only what sds3d wrote there)."""
+    `overwrite` replaces an earlier sds3d run in `run_dir` (only what sds3d wrote there); `prior`
+    (built with `train.build_prior`) is used as it is and can serve many runs."""
     run_dir = Path(run_dir)
     with runs.locked(run_dir, create=not resume):
-        return _generate(config, run_dir, resume, progress, overwrite)
+        return _generate(config, run_dir, resume, progress, overwrite, prior)
 
 
 def _generate(
-    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool
+    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool, prior: Prior | None
 ) -> GenerateOutput:
-    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite)
+    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, prior=prior)
     out = GenerateOutput(run_dir=run_dir, train=result)
     if result.interrupted:
         return out
