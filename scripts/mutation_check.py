@@ -40,6 +40,9 @@ MUTATIONS = [
     ('runs.py', 'if bad:  # training', 'if False:  # training', 'tests/test_run_safety.py -k nan_values'),
     ('train.py', '        runs.check_new_run(run_dir, overwrite)\n', '        runs.check_new_run(run_dir, overwrite)\n        if overwrite and runs.user_entries(run_dir):\n            runs.clear_run(run_dir)\n', 'tests/test_run_safety.py -k prompt_before'),
     ('rules/sds.py', 'literal = c.kind == "literal"', 'literal = False', 'tests/test_rules.py -k formula'),
+    ('representations/nerf_scene.py', 'oriented = value_at(self.weights.orientation, step_ratio) > 0', 'oriented = False', 'tests/test_representations.py -k only_for'),
+    ('representations/nerf_scene.py', 'value_at(self.weights.entropy, step_ratio)', 'value_at(self.weights.entropy, 1.0)', 'tests/test_representations.py -k ramps'),
+    ('representations/nerf_scene.py', '"lr": optim.lr_mlp}', '"lr": optim.lr_grid}', 'tests/test_representations.py -k param_groups'),
 ]
 # fmt: on
 

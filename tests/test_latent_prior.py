@@ -282,14 +282,13 @@ def test_latent_heads_turn_into_rgb_heads_to_first_order():
     from sds3d.config import RunConfig
     from sds3d.representations.encodings import HashGridConfig
     from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
-    from sds3d.train import Scene
+    from sds3d.train import build_scene
 
     config = RunConfig(
         nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=4, log2_table_size=10)),
         background=BackgroundConfig(kind="learned"), latent_warmup=LatentWarmupConfig(steps=5),
     )  # fmt: skip
-    torch.manual_seed(0)
-    scene = Scene(config)
+    scene = build_scene(config)
     for p in scene.parameters():  # away from the initial zeros, so that every row matters
         torch.nn.init.normal_(p, std=0.3)
     g = torch.Generator().manual_seed(1)
@@ -309,7 +308,7 @@ def test_latent_heads_turn_into_rgb_heads_to_first_order():
         assert torch.equal(after.density, density)  # geometry untouched
         expected_bg = torch.sigmoid(4 * (z_bg @ to_rgb[:4] + to_rgb[4] - 0.5))
         assert torch.allclose(scene.background(dirs), expected_bg, atol=1e-5)
-        solid = Scene(dataclasses.replace(config, background=BackgroundConfig(color=(0.2, 0.4, 0.6))))
+        solid = build_scene(dataclasses.replace(config, background=BackgroundConfig(color=(0.2, 0.4, 0.6))))
         solid.set_latent_maps(to_rgb, to_latent)
         rgb = torch.tensor([0.2, 0.4, 0.6])
         assert torch.allclose(

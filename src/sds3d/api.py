@@ -25,9 +25,7 @@ from sds3d import runs
 from sds3d.config import RunConfig
 from sds3d.export import (
     Shading,
-    extract_mesh,
     render_mesh_turntable,
-    render_turntable,
     write_mesh,
     write_turntable,
 )
@@ -96,7 +94,7 @@ def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
 
 def _export_run(run_dir: Path, device: str) -> dict[str, Path]:
     config, scene, step = load_scene(run_dir, device)
-    mesh = extract_mesh(scene.nerf, scene.background, config.export)
+    mesh = scene.to_mesh(config.export)
     files: dict[str, Path] = dict(write_mesh(mesh, run_dir))
     frames = render_mesh_turntable(mesh, config.export)
     for path in write_turntable(frames, run_dir, config.export.turntable_fps):
@@ -118,7 +116,7 @@ def render_run(
         config, scene, _ = load_scene(run_dir, device)
         out = run_dir / f"render-{shading}"
         out.mkdir(exist_ok=True)
-        frames = render_turntable(scene.nerf, scene.background, config.export, shading, progress)
+        frames = scene.render_turntable(config.export, shading, progress)
         return write_turntable(frames, out, config.export.turntable_fps)
 
 

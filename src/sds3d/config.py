@@ -27,10 +27,11 @@ from sds3d.guidance.analytic import (
 )
 from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidanceConfig
 from sds3d.prompts import PromptConfig
-from sds3d.ramp import Ramp, Scheduled
+from sds3d.ramp import Ramp
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+from sds3d.representations.nerf_scene import RegularizerConfig
 from sds3d.rules import RuleConfig, SDSRuleConfig
 from sds3d.runs import write_atomic
 
@@ -40,15 +41,6 @@ GUIDANCE_KINDS: dict[str, type] = {
     "gaussian": GaussianPriorGuidanceConfig,
     "diffusers": DiffusersGuidanceConfig,
 }
-
-
-@dataclass
-class RegularizerConfig:
-    """Weights of the regularisers in `losses.py`; each a float or a `Ramp` over training."""
-
-    orientation: Scheduled = 0.0
-    sparsity: Scheduled = 0.0
-    entropy: Scheduled = 0.0
 
 
 @dataclass

@@ -26,19 +26,18 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from sds3d import losses, runs
+from sds3d import runs
 from sds3d.cameras import orbit_cameras, sample_cameras
 from sds3d.config import RunConfig, load_config, save_config
 from sds3d.devices import to_device
 from sds3d.errors import UserError
 from sds3d.guidance.base import Prior
 from sds3d.prompts import PromptProcessor
-from sds3d.ramp import value_at
-from sds3d.render.volume import choose_shading, render, sample_lights
-from sds3d.representations.nerf import Background, HashGridNeRF
+from sds3d.render.volume import choose_shading, sample_lights
+from sds3d.representations.base import Representation
+from sds3d.representations.nerf_scene import NeRFScene
 from sds3d.rules.base import Rule
 
 CHECKPOINT = runs.CHECKPOINT
@@ -48,38 +47,6 @@ VALIDATION_VIEWS_DEG = ((15.0, 0.0), (15.0, 90.0), (15.0, 180.0), (75.0, 45.0))
 
 class DivergedError(UserError):
     """The loss or the parameters became NaN/Inf."""
-
-
-class Scene(nn.Module):
-    """What training optimises: the NeRF and its background. With a latent warm-up both carry a
-    latent head, and the scene keeps the affine latent→RGB map (`latent_to_rgb`, [C + 1, 3]) that
-    previews latent renders and ends the warm-up."""
-
-    latent_to_rgb: torch.Tensor  # [C + 1, 3], a buffer (latent warm-up only)
-
-    def __init__(self, config: RunConfig):
-        nn.Module.__init__(self)
-        warmup = config.latent_warmup
-        channels = warmup.channels if warmup.steps > 0 else 0
-        self.nerf: HashGridNeRF = config.nerf.build(latent_channels=channels)
-        self.background: Background = config.background.build(latent_channels=channels)
-        if channels:
-            self.register_buffer("latent_to_rgb", torch.zeros(channels + 1, 3))
-
-    def set_latent_maps(self, to_rgb: torch.Tensor, to_latent: torch.Tensor) -> None:
-        """The VAE's affine maps latent→RGB [C + 1, 3] and RGB→latent [4, C] (fitted once per run)."""
-        self.latent_to_rgb.copy_(to_rgb)
-        self.background.rgb_to_latent.copy_(to_latent)
-
-    def latents_to_rgb_(self) -> None:
-        """End of the latent warm-up: NeRF and background RGB heads from their latent heads."""
-        self.nerf.latent_head_to_rgb_(self.latent_to_rgb)
-        self.background.latent_head_to_rgb_(self.latent_to_rgb)
-
-    def preview_rgb(self, latents: torch.Tensor) -> torch.Tensor:
-        """A latent render [B, C, H, W] as colours [B, 3, H, W] in [0, 1], by the affine map."""
-        m = self.latent_to_rgb.to(latents)
-        return (torch.einsum("bchw,cd->bdhw", latents, m[:-1]) + m[-1].view(1, 3, 1, 1)).clamp(0, 1)
 
 
 def is_latent(config: RunConfig, steps_done: int) -> bool:
@@ -98,9 +65,12 @@ class TrainOutput:
     final_losses: dict[str, float] = field(default_factory=dict)
 
 
-def build_scene(config: RunConfig) -> Scene:
+def build_scene(config: RunConfig) -> NeRFScene:
     torch.manual_seed(config.seed)  # parameter initialisation
-    return Scene(config).to(config.device)
+    warmup = config.latent_warmup
+    channels = warmup.channels if warmup.steps > 0 else 0
+    scene = NeRFScene(config.nerf, config.background, config.renderer, config.regularizers, channels)
+    return scene.to(config.device)
 
 
 def build_prior(config: RunConfig) -> Prior:
@@ -111,17 +81,15 @@ def build_rule(config: RunConfig) -> Rule:
     return config.rule.build().to(config.device)
 
 
-def build_optimizer(config: RunConfig, scene: Scene) -> torch.optim.Optimizer:
-    grid = [scene.nerf.encoding.tables]
-    rest = [p for n, p in scene.named_parameters() if n != "nerf.encoding.tables"]
+def build_optimizer(config: RunConfig, scene: Representation) -> torch.optim.Optimizer:
     o = config.optim
     return torch.optim.Adam(
-        [{"params": grid, "lr": o.lr_grid}, {"params": rest, "lr": o.lr_mlp}], betas=o.betas, eps=o.eps,
+        scene.param_groups(o), betas=o.betas, eps=o.eps,
         fused=config.device.startswith("cuda"),  # one kernel for the whole update
     )  # fmt: skip
 
 
-def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, int]:
+def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, NeRFScene, int]:
     """The config, scene and step of a run folder's newest usable checkpoint (runs.py)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -142,7 +110,7 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Scene, in
 
 
 def save_checkpoint(
-    run_dir: Path, scene: Scene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
+    run_dir: Path, scene: NeRFScene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
 ) -> None:
     state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}
     runs.save_checkpoint(run_dir, state)
@@ -151,7 +119,7 @@ def save_checkpoint(
 def resume_from_checkpoint(
     config: RunConfig,
     run_dir: Path,
-    scene: Scene,
+    scene: NeRFScene,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> int:
@@ -192,11 +160,10 @@ def validation_cameras(config: RunConfig):
 
 
 @torch.no_grad()
-def save_validation(config: RunConfig, scene: Scene, path: Path, latent: bool = False) -> None:
+def save_validation(config: RunConfig, scene: NeRFScene, path: Path, latent: bool = False) -> None:
     import imageio.v2 as imageio
 
-    out = render(scene.nerf, scene.background, validation_cameras(config).to(config.device),
-                 config.renderer.num_samples, random_background=False, latent=latent)  # fmt: skip
+    out = scene.render(validation_cameras(config).to(config.device), random_background=False, latent=latent)
     rgb = scene.preview_rgb(out.rgb) if latent else out.rgb
     row = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,28 +284,13 @@ def _train(
             cond, uncond = prompts(cameras)  # view labels from the host copy: no device sync
             cameras = cameras.to(config.device)
             # 2. Render.
-            reg = config.regularizers
-            orientation_w = value_at(reg.orientation, step_ratio)
-            out = render(
-                scene.nerf, scene.background, cameras, config.renderer.num_samples, shading=shading,
-                light_positions=None if lights is None else to_device(lights, config.device), ambient=config.renderer.ambient,
-                stratified=True, need_normals=orientation_w > 0, normals_create_graph=orientation_w > 0,
-                generator=generator, latent=latent,
-            )  # fmt: skip
-            # 3. Score distillation.
+            lights = None if lights is None else to_device(lights, config.device)
+            out = scene.render_train(cameras, shading, lights, step_ratio, generator, latent)
+            # 3. Score distillation: the rule's losses from the frozen prior.
             g = rule(prior, out.rgb, cond, uncond, step_ratio, cameras=cameras, generator=generator,
-                         rgb_as_latents=latent)  # fmt: skip
-            # 4. Regularisers and the optimiser step.
-            opacity = out.opacity.flatten()
-            terms = dict(g.losses)
-            if orientation_w > 0 and out.sample_normals is not None:
-                terms["orientation"] = orientation_w * losses.orientation_loss(
-                    out.weights, out.sample_normals, out.ray_dirs, opacity
-                )
-            if (w := value_at(reg.sparsity, step_ratio)) > 0:
-                terms["sparsity"] = w * losses.sparsity_loss(opacity)
-            if (w := value_at(reg.entropy, step_ratio)) > 0:
-                terms["entropy"] = w * losses.entropy_loss(opacity)
+                     rgb_as_latents=latent)  # fmt: skip
+            # 4. The representation's regularisers and the optimiser step.
+            terms = dict(g.losses) | scene.regularizers(out, step_ratio)
             loss = cast(torch.Tensor, sum(terms.values()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -417,6 +369,6 @@ def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:
     bar.set_postfix(loss=f"{value:.4g}", t=int(t_shown))
 
 
-def _finite(scene: Scene) -> torch.Tensor:
+def _finite(scene: NeRFScene) -> torch.Tensor:
     """A 0-d bool tensor (no host sync): every parameter is finite."""
     return torch.stack([torch.isfinite(p).all() for p in scene.parameters()]).all()

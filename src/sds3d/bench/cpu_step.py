@@ -20,7 +20,6 @@ import torch
 from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import preset
 from sds3d.prompts import PromptProcessor
-from sds3d.render.volume import render
 from sds3d.train import build_optimizer, build_prior, build_rule, build_scene
 
 DEMO_PROMPT = "a blue torus"
@@ -39,14 +38,7 @@ def time_step_phases(steps: int, warmup: int) -> dict[str, float]:
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         cams = sample_cameras(config.camera, generator)
-        out = render(
-            scene.nerf,
-            scene.background,
-            cams,
-            config.renderer.num_samples,
-            stratified=True,
-            generator=generator,
-        )
+        out = scene.render(cams, stratified=True, generator=generator)
         t1 = time.perf_counter()
         cond, uncond = prompts(cams)
         g = rule(prior, out.rgb, cond, uncond, i / (warmup + steps), cameras=cams, generator=generator)

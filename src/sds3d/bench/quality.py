@@ -62,8 +62,6 @@ VARIANTS: dict[str, Callable[[RunConfig], RunConfig]] = {
 def render_psnr(run_dir: Path, obj: WorldObject) -> float:
     """PSNR (dB) of the trained scene's albedo renders on white against the ground truth's."""
     from sds3d.cameras import turntable_cameras
-    from sds3d.render.volume import render
-    from sds3d.representations.nerf import Background, BackgroundConfig
     from sds3d.train import load_scene
     from sds3d.world.metrics import psnr
     from sds3d.world.render import render_object
@@ -71,9 +69,8 @@ def render_psnr(run_dir: Path, obj: WorldObject) -> float:
     config, scene, _ = load_scene(run_dir)
     cams = turntable_cameras(PSNR_VIEWS, PSNR_ELEVATION_DEG, config.export.view_radius, config.export.view_fovy_deg,
                              PSNR_RESOLUTION, PSNR_RESOLUTION)  # fmt: skip
-    white = Background(BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0)))
-    ours = torch.cat([render(scene.nerf, white, cams[i], config.export.num_samples, random_background=False).rgb
-                      for i in range(len(cams))])  # fmt: skip
+    ours = torch.cat([scene.render(cams[i], num_samples=config.export.num_samples, solid_background=(1.0, 1.0, 1.0),
+                                   random_background=False).rgb for i in range(len(cams))])  # fmt: skip
     truth = render_object(obj, cams).rgb
     return psnr(ours.clamp(0, 1).numpy(), truth.numpy())
 

@@ -208,6 +208,7 @@ def measure(
     rgb_as_latents: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
+    from sds3d.representations import nerf_scene as scene_module
 
     dev = torch.device(device)
     clock = Clock(dev)
@@ -265,8 +266,8 @@ def measure(
             return wrapper
 
         step_marks: list[Any] = []
-        real_render = train_module.render
-        train_module.render = timed("render", real_render)  # type: ignore[assignment]
+        real_render = scene_module.render  # what NeRFScene renders with
+        scene_module.render = timed("render", real_render)  # type: ignore[assignment]
         if guidance.vae is not None:
             guidance.encode_images = timed("vae_encode", guidance.encode_images)  # type: ignore[method-assign]
         guidance.predict_noise = timed("unet", guidance.predict_noise)  # type: ignore[method-assign]
@@ -282,7 +283,7 @@ def measure(
             train_module.train(dataclasses.replace(config, steps=warmup + steps), Path(tmp) / "run", progress=False,
                                prior=guidance, on_step=lambda step, scene: step_marks.append(clock.mark()))  # fmt: skip
         finally:
-            train_module.render = real_render  # type: ignore[assignment]
+            scene_module.render = real_render  # type: ignore[assignment]
         peak_gb = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         step_ms = [
             clock.ms(a, b) for a, b in zip(step_marks[warmup:], step_marks[warmup + 1 :], strict=False)

@@ -1,0 +1,49 @@
+"""The Representation seam: what training optimises, renders and finally meshes.
+
+A representation renders a batch of cameras (`render`, and `render_train` inside the loop: a
+`RenderOutput` whose `rgb` is [B, C, H, W]), names its optimiser groups (`param_groups`) and its own regularisers
+(`regularizers`, named losses at a training progress), and becomes a mesh (`to_mesh`). The training
+loop (train.py) knows nothing else about it; `representations/nerf_scene.py` is the hash-grid NeRF
+with its background and volume renderer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sds3d.cameras import Cameras
+
+if TYPE_CHECKING:
+    from sds3d.export import ExportConfig, MeshOutput
+    from sds3d.render.volume import RenderOutput, Shading
+
+
+class Representation(nn.Module):
+    def render(self, cameras: Cameras, **options: Any) -> RenderOutput:
+        raise NotImplementedError
+
+    def render_train(
+        self,
+        cameras: Cameras,
+        shading: Shading,
+        light_positions: torch.Tensor | None,
+        step_ratio: float,
+        generator: torch.Generator | None,
+        latent: bool = False,
+    ) -> RenderOutput:
+        """The training render: random where the representation samples, with what its regularisers need."""
+        raise NotImplementedError
+
+    def param_groups(self, optim: Any) -> list[dict[str, Any]]:
+        """Optimiser groups with their learning rates (from the run's `OptimConfig`)."""
+        raise NotImplementedError
+
+    def regularizers(self, out: RenderOutput, step_ratio: float) -> dict[str, torch.Tensor]:
+        """Named, weighted regularisation losses of a training render."""
+        raise NotImplementedError
+
+    def to_mesh(self, config: ExportConfig) -> MeshOutput:
+        raise NotImplementedError
