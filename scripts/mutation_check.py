@@ -43,6 +43,7 @@ MUTATIONS = [
     ('representations/nerf_scene.py', 'oriented = value_at(self.weights.orientation, step_ratio) > 0', 'oriented = False', 'tests/test_representations.py -k only_for'),
     ('representations/nerf_scene.py', 'value_at(self.weights.entropy, step_ratio)', 'value_at(self.weights.entropy, 1.0)', 'tests/test_representations.py -k ramps'),
     ('representations/nerf_scene.py', '"lr": optim.lr_mlp}', '"lr": optim.lr_grid}', 'tests/test_representations.py -k param_groups'),
+    ('rules/sds.py', 'c.guidance_scale * eps_cond.detach(), c.guidance_scale * eps_uncond', 'eps.detach(), noise', 'tests/test_rules.py -k csd'),
 ]
 # fmt: on
 

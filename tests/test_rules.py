@@ -11,7 +11,7 @@ import torch
 
 from sds3d import diffusion
 from sds3d.guidance.base import Prior
-from sds3d.rules import SDSRuleConfig
+from sds3d.rules import RULES, SDSRuleConfig
 
 T = 1000
 
@@ -194,3 +194,44 @@ def test_a_prior_shared_by_two_runs_is_left_as_it_was(tmp_path):
                  prior=prior)  # fmt: skip
     assert prior.text_encoder is not None
     assert all(not p.requires_grad for p in prior.parameters())
+
+
+def test_csd_is_the_guidance_term_alone_a_constant_push_under_two_gaussians():
+    """N(μ_y, s₀²I) and N(μ_∅, s₀²I): ε_y − ε_∅ = α σ (μ_∅ − μ_y)/v for any x, so CSD's gradient
+    w(t)·s·α σ (μ_∅ − μ_y)/v does not depend on the render (no fixed point, unlike SDS)."""
+    from sds3d.cameras import CameraConfig
+    from sds3d.guidance.analytic import GaussianPriorGuidanceConfig, WorldViewsConfig
+
+    res, b, scale, std = 4, 3, 5.0, 0.5
+    g = torch.Generator().manual_seed(0)
+    mu_y, mu_0 = torch.rand(3, res, res, generator=g) - 0.5, torch.rand(3, res, res, generator=g) - 0.5
+    prior = GaussianPriorGuidanceConfig(std=std, views=WorldViewsConfig(resolution=res)).build(
+        CameraConfig(), means={"y": mu_y, "": mu_0}
+    )
+    rule = SDSRuleConfig(kind="csd", guidance_scale=scale).build()
+    grads = []
+    for seed in (1, 2):  # two unrelated renders, the same (t, ε) stream
+        rgb = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+        out = rule(prior, rgb, [mu_y] * b, [mu_0] * b, 0.5, generator=torch.Generator().manual_seed(9))
+        grads.append(torch.autograd.grad(out.losses["csd"], rgb)[0])
+    abar = prior.alphas_cumprod[out.timesteps].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    v = alpha**2 * std**2 + sigma**2
+    expected = (1 - abar) * scale * alpha * sigma * (mu_0 - mu_y) / v * 2 / b  # x = 2·rgb − 1
+    assert torch.allclose(grads[0], expected, atol=1e-6) and torch.allclose(grads[1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_every_rule_trains_the_builtin_and_a_tiny_sd_prior(name, tiny_sd_model, tmp_path):
+    from conftest import tiny_diffusers_run
+    from sds3d.config import preset
+    from sds3d.train import train
+
+    config = preset("fast")
+    config.camera.width = config.camera.height = 8
+    config.renderer.num_samples = 8
+    for i, run in enumerate([config, tiny_diffusers_run(tiny_sd_model, size=16, steps=2)]):
+        run = dataclasses.replace(run, prompt="a red cube", steps=2, validate_every=0)
+        run.rule = dataclasses.replace(run.rule, kind=name)
+        out = train(run, tmp_path / str(i), progress=False)
+        assert out.steps_done == 2 and name in out.final_losses and out.final_losses["grad_norm"] > 0

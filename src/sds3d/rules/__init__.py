@@ -26,6 +26,10 @@ RULES: dict[str, RuleInfo] = {
         "DreamFusion §3.2 (the loss SDS simplifies)",
         "∇θ Σ w(t)‖ε̂(x_t; y, t) − ε‖², back-propagated through the denoiser",
     ),
+    "csd": RuleInfo(
+        "Classifier Score Distillation (Yu et al., arXiv:2310.19415), eq. 8",
+        "∇θ = E_t,ε[w(t)·s·(ε̂(x_t; y, t) − ε̂(x_t; ∅, t)) ∂x/∂θ]: SDS's guidance term alone",
+    ),
 }
 RuleConfig = SDSRuleConfig  # a Union of the rules' configs once a rule needs its own fields
 

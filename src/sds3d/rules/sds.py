@@ -1,4 +1,5 @@
-"""Score distillation (DreamFusion) and the literal diffusion loss it simplifies.
+"""Score distillation (DreamFusion), the literal diffusion loss it simplifies, and classifier score
+distillation (CSD), which keeps only SDS's guidance term.
 
 The step (DreamFusion eq. 3; `diffusion.py` has the derivation):
     x = E(render); t ~ schedule(step_ratio); ε ~ N(0, I); x_t = α_t x + σ_t ε
@@ -6,6 +7,12 @@ The step (DreamFusion eq. 3; `diffusion.py` has the derivation):
 so that ∂loss/∂x = g/B (the batch mean, as threestudio). The `literal` rule's loss is
 Σ w(t)‖ε̂ − ε‖²/B back-propagated through the denoiser (the Jacobian SDS omits). Debiased SDS
 (Hong et al., arXiv:2303.15413) is `grad_clip`.
+
+CSD (Yu et al., arXiv:2310.19415, eq. 8): SDS's ε̂ − ε = (ε_∅ − ε) + s(ε_y − ε_∅) split into a
+generative and a classifier term; CSD keeps the second, g = w(t)·s·(ε_y − ε_∅), so the sampled noise
+enters only through x_t. For two Gaussians N(μ_y, s_0²I), N(μ_∅, s_0²I) (guidance/analytic.py)
+ε_y − ε_∅ = α_t σ_t (μ_∅ − μ_y)/v_t for every x: a constant push along μ_y − μ_∅, with no fixed point
+(tests/test_rules.py).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ class SDSRuleConfig:
     t_max_end: float = 0.5  # where `linear` and `step` schedules lower t_max to
     t_drop_at: float = 0.5  # step ratio of the `step` schedule's drop
     grad_clip: Scheduled | None = None  # Debiased SDS: clamp g to ±c(step_ratio)
-    kind: Literal["sds", "literal"] = "sds"  # literal: the diffusion loss through the denoiser
+    kind: Literal["sds", "literal", "csd"] = "sds"  # literal: through the denoiser; csd: classifier term only
 
     def build(self) -> SDSRule:
         return SDSRule(self)
@@ -70,10 +77,10 @@ class SDSRule(Rule):
         noise = torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device).to(x)
         abar_t = prior.alphas_cumprod[t]
         literal = c.kind == "literal"
-        # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1).
+        # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1, except by CSD).
         with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
             x_t = diffusion.add_noise(x if literal else x.detach(), noise, t, prior.alphas_cumprod)
-            if c.guidance_scale == 1.0:
+            if c.guidance_scale == 1.0 and c.kind != "csd":
                 eps = prior.predict_noise(x_t, t, list(cond), cameras)
             else:
                 both_cams = None if cameras is None else concat_cameras(cameras, cameras)
@@ -82,9 +89,14 @@ class SDSRule(Rule):
                 )
                 eps_uncond, eps_cond = eps_both.chunk(2)
                 eps = diffusion.classifier_free_guidance(eps_uncond, eps_cond, c.guidance_scale)
-        # 3. w(t)(ε̂ − ε), guarded and clipped, injected as a gradient.
+        # 3. w(t)(ε̂ − ε) (CSD: w(t)·s(ε_y − ε_∅)), guarded and clipped, injected as a gradient.
         weight = diffusion.sds_weight(abar_t, c.weighting)
-        grad = diffusion.sds_gradient(eps.detach(), noise, weight)
+        if c.kind == "csd":
+            grad = diffusion.sds_gradient(
+                c.guidance_scale * eps_cond.detach(), c.guidance_scale * eps_uncond, weight
+            )
+        else:
+            grad = diffusion.sds_gradient(eps.detach(), noise, weight)
         grad = diffusion.nan_guard(grad)
         if c.grad_clip is not None:
             grad = diffusion.clip_gradient(grad, value_at(c.grad_clip, step_ratio))
