@@ -27,7 +27,7 @@ RULES: dict[str, RuleInfo] = {
         "∇θ Σ w(t)‖ε̂(x_t; y, t) − ε‖², back-propagated through the denoiser",
     ),
     "csd": RuleInfo(
-        "Classifier Score Distillation (Yu et al., arXiv:2310.19415), eq. 8",
+        "Classifier Score Distillation (Yu et al., arXiv:2310.19415)",
         "∇θ = E_t,ε[w(t)·s·(ε̂(x_t; y, t) − ε̂(x_t; ∅, t)) ∂x/∂θ]: SDS's guidance term alone",
     ),
 }

@@ -8,7 +8,7 @@ so that ∂loss/∂x = g/B (the batch mean, as threestudio). The `literal` rule'
 Σ w(t)‖ε̂ − ε‖²/B back-propagated through the denoiser (the Jacobian SDS omits). Debiased SDS
 (Hong et al., arXiv:2303.15413) is `grad_clip`.
 
-CSD (Yu et al., arXiv:2310.19415, eq. 8): SDS's ε̂ − ε = (ε_∅ − ε) + s(ε_y − ε_∅) split into a
+CSD (Yu et al., arXiv:2310.19415): SDS's ε̂ − ε = (ε_∅ − ε) + s(ε_y − ε_∅) split into a
 generative and a classifier term; CSD keeps the second, g = w(t)·s·(ε_y − ε_∅), so the sampled noise
 enters only through x_t. For two Gaussians N(μ_y, s_0²I), N(μ_∅, s_0²I) (guidance/analytic.py)
 ε_y − ε_∅ = α_t σ_t (μ_∅ − μ_y)/v_t for every x: a constant push along μ_y − μ_∅, with no fixed point
