@@ -45,3 +45,23 @@ def test_quality_prompts_must_be_world_prompts(capsys):
         main(["bench", "quality", "--prompts", "a green cube, a red blob"])
     assert exit_info.value.code == 2
     assert "not world prompts: a red blob" in capsys.readouterr().err
+
+
+def test_a_prompt_that_fails_is_scored_as_a_failure_and_the_benchmark_goes_on(tmp_path, monkeypatch):
+    from sds3d.bench import quality
+    from sds3d.config import preset
+    from sds3d.export import EmptySceneError
+
+    def empty(config, run_dir, **kwargs):
+        raise EmptySceneError("the scene is empty")
+
+    monkeypatch.setattr("sds3d.api.generate", empty)
+    row = quality.run_prompt(preset("fast"), tmp_path / "run")
+    assert row["failed"] == "the scene is empty" and not row["shape_ok"] and row["iou"] == 0.0
+    assert quality.summarise([row])["shape_accuracy"] == 0.0
+
+
+def test_quality_rule_must_be_known(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--rule", "nope", "--limit", "1"])
+    assert "unknown rule 'nope'" in capsys.readouterr().err

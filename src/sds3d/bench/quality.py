@@ -31,6 +31,7 @@ import torch
 
 from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import RunConfig, preset
+from sds3d.errors import UserError
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.data import HELD_OUT
 from sds3d.world.shapes import WorldObject, all_objects, parse_prompt
@@ -98,7 +99,12 @@ def run_prompt(config: RunConfig, workdir: Path, rows: list | None = None) -> di
     if obj is None:
         raise ValueError(f"{config.prompt!r} is not a world prompt")
     t0 = time.perf_counter()
-    generate(config, workdir, progress=False)
+    try:
+        generate(config, workdir, progress=False)
+    except UserError as err:  # an empty scene or a divergence: a failed prompt, scored as such
+        return {"prompt": config.prompt, "held_out": config.prompt in HELD_OUT, "shape": "none", "shape_ok": False,
+                "color": "none", "color_ok": False, "iou": 0.0, "psnr": 0.0, "faces": 0,
+                "seconds": round(time.perf_counter() - t0, 1), "failed": str(err)}  # fmt: skip
     seconds = time.perf_counter() - t0
     row = {"prompt": config.prompt, "held_out": config.prompt in HELD_OUT, **score_run(workdir, obj),
            "seconds": round(seconds, 1)}  # fmt: skip
@@ -130,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=int, help="only the first N prompts of the selection (for smoke tests)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rule", default="sds", help="the distillation rule (`sds3d rules`), the preset's settings"
+    )
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--name", default="quality", help="report file name (without .md/.json)")
@@ -148,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"not world prompts: {', '.join(bad)}")
     prompts = prompts[: args.limit] if args.limit else prompts
+    from sds3d.rules import RULES
+
+    if args.rule not in RULES:
+        parser.error(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
     base = dataclasses.replace(preset("default"), device=args.device)
+    base.rule = dataclasses.replace(base.rule, kind=args.rule)
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
     results: dict[str, list[dict]] = {}
@@ -173,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "sds3d bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {variant: summarise(rows) for variant, rows in results.items()}
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-              "preset": "default", "steps": base.steps, "model": getattr(base.guidance, "model", None),
+              "preset": "default", "rule": args.rule, "steps": base.steps, "model": getattr(base.guidance, "model", None),
               "seed": args.seed, "summary": summary, "results": results}  # fmt: skip
     machine = report["machine"]
     lines = [
-        "# 3D quality against the ground truth: the default preset with the learned prior",
+        "# 3D quality against the ground truth: the default preset with the learned prior"
+        + ("" if args.rule == "sds" else f", rule {args.rule}"),
         "",
         f"Command: `{report['command']}` ({report['date']}), seed {args.seed}, {base.steps} steps per prompt  ",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU {machine['gpu']}, torch {machine['torch']}",
