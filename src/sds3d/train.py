@@ -2,10 +2,10 @@
 
 One step (numbered as in the loop below):
 1. sample random cameras (cameras.py) and a shading mode and light (render/volume.py);
-2. render the NeRF (representations/nerf.py, render/volume.py);
+2. render the representation (representations/nerf_scene.py: the NeRF through render/volume.py);
 3. look up the texts for these views (prompts.py) and take the rule's losses (rules/) from the
    frozen prior (guidance/);
-4. add the regularisers (losses.py) and take an Adam step.
+4. add the representation's regularisers (losses.py) and take an Adam step.
 With a latent warm-up (`config.latent_warmup`, Latent-NeRF) the first steps render latents,
 unshaded, straight into the U-Net; at its end the scene's RGB heads are written from its latent
 heads (step 0 of the loop) and training goes on in RGB through the VAE.
