@@ -66,12 +66,8 @@ class NeRFScene(Representation):
     ) -> RenderOutput:
         background = self.background
         if solid_background is not None:
-            device = (
-                self.background.rgb_to_latent.device if hasattr(self.background, "rgb_to_latent") else None
-            )
-            background = Background(BackgroundConfig(kind="solid", color=solid_background)).to(
-                device or next(self.nerf.parameters()).device
-            )
+            device = next(self.nerf.parameters()).device
+            background = Background(BackgroundConfig(kind="solid", color=solid_background)).to(device)
         return render(
             self.nerf, background, cameras, num_samples or self.renderer.num_samples, shading=shading,
             light_positions=light_positions, **{"ambient": self.renderer.ambient, **options},
