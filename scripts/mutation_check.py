@@ -20,9 +20,9 @@ SRC = ROOT / "src" / "sds3d"
 # (file, original text, mutated text, pytest selection)
 # fmt: off
 MUTATIONS = [
-    ('rules/sds.py', 'c.t_max_end, c.t_drop_at', '0.5, 0.5', 'tests/test_rules.py -k t_max'),
-    ('rules/sds.py', 'c.t_max_end, c.t_drop_at', 'c.t_max_end, 0.5', 'tests/test_rules.py -k drop'),
-    ('rules/sds.py', 'grad = diffusion.nan_guard(grad)', 'pass', 'tests/test_rules.py -k nan'),
+    ('rules/base.py', 'c.t_max_end, c.t_drop_at', '0.5, 0.5', 'tests/test_rules.py -k t_max'),
+    ('rules/base.py', 'c.t_max_end, c.t_drop_at', 'c.t_max_end, 0.5', 'tests/test_rules.py -k drop'),
+    ('rules/base.py', 'grad = diffusion.nan_guard(grad)', 'pass', 'tests/test_rules.py -k nan'),
     ('render/volume.py', 'rgb_fg + (1 - opacity) * bg', 'rgb_fg + (1 - opacity.detach()) * bg', 'tests/test_render.py -k finite_difference_gradient'),
     ('export.py', '[0.0, -1.0, 0.0]]', '[0.0, 1.0, 0.0]]', 'tests/test_export.py -k mirrored'),
     ('train.py', 'torch.Generator().manual_seed(config.seed)', 'torch.Generator().manual_seed(0)', 'tests/test_rules.py -k seed'),
@@ -44,6 +44,19 @@ MUTATIONS = [
     ('representations/nerf_scene.py', 'value_at(self.weights.entropy, step_ratio)', 'value_at(self.weights.entropy, 1.0)', 'tests/test_representations.py -k ramps'),
     ('representations/nerf_scene.py', '"lr": optim.lr_mlp}', '"lr": optim.lr_grid}', 'tests/test_representations.py -k param_groups'),
     ('rules/sds.py', 'c.guidance_scale * eps_cond.detach(), c.guidance_scale * eps_uncond', 'eps.detach(), noise', 'tests/test_rules.py -k csd'),
+    ('rules/inversion.py', 's = (t - round(c.interval * prior.num_train_timesteps)).clamp_min(0)', 's = t', 'tests/test_rules.py -k ism'),
+    ('rules/inversion.py', 'if c.inversion_eta > 0:', 'if False:', 'tests/test_rules.py -k sdi'),
+    ('rules/inversion.py', 'c.inversion_guidance_scale)', '1.0)', 'tests/test_rules.py -k sdi'),
+    ('rules/guided.py', 'torch.where(below, eps_uncond, eps_uncond - eps_neg)', 'torch.where(below, eps_uncond, eps_uncond)', 'tests/test_rules.py -k nfsd'),
+    ('rules/guided.py', '(e_pos - lam * removed)', '(e_pos + lam * removed)', 'tests/test_rules.py -k perp'),
+    ('rules/guided.py', 'on = torch.tensor([0.0 if lab == "overhead" else 1.0 for lab in labels])', 'on = torch.ones(len(labels))', 'tests/test_rules.py -k perp'),
+    ('rules/vsd.py', 'lam = self.config.camera_free_weight', 'lam = 0.0', 'tests/test_rules.py -k esd'),
+    ('rules/vsd.py', '>= c.camera_dropout', '>= 0.0', 'tests/test_rules.py -k vsd_and_esd'),
+    ('rules/vsd.py', 'eps_phi = eps_cond + self', 'eps_phi = eps + self', 'tests/test_rules.py -k vsd_and_esd'),
+    ('rules/sds.py', 'samples = c.paas_samples if isinstance(c, SJCRuleConfig) else 1', 'samples = 1', 'tests/test_rules.py -k sjc'),
+    ('rules/__init__.py', '"sjc": {"weighting": "sjc"}, ', '', 'tests/test_rules.py -k sjc'),
+    ('diffusion.py', 'a.sqrt() * x0 + (1 - a).sqrt() * eps', 'a.sqrt() * x0 + (1 - a) * eps', 'tests/test_rules_analytic.py -k ism'),
+    ('rules/inversion.py', 'eps_s = prior.predict_noise(x_s, s, list(uncond), cameras)', 'eps_s = prior.predict_noise(x_s, s, list(cond), cameras)', 'tests/test_rules_analytic.py -k ism'),
 ]
 # fmt: on
 

@@ -238,8 +238,8 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
     assert row["arch"] == "tiny-sd" and row["normals"] == "analytic" and not row["nerf_compile"]
     assert row["step_ms"] > 0 and all(row["phases_ms"][k] > 0 for k in ("render", "vae_encode", "unet"))
     floor = row["floor_ms"]
-    assert floor["unet_pair_ms"] > 0 and floor["vae_encode_fb_ms"] > 0
-    assert floor["floor_ms"] == pytest.approx(floor["unet_pair_ms"] + floor["vae_encode_fb_ms"], abs=0.02)
+    assert floor["unet_pair_ms"] > 0 and floor["vae_encode_fb_ms"] > 0 and floor["unet_calls"] == [2]
+    assert floor["floor_ms"] == pytest.approx(floor["unet_ms"] + floor["vae_encode_fb_ms"], abs=0.02)
     assert row["step_over_floor"] == pytest.approx(row["step_ms"] / floor["floor_ms"], rel=0.01)
     assert (
         (tmp_path / "speed.md")
@@ -252,7 +252,16 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
     assert main([*args, "--rgb-as-latents", "--out", str(tmp_path), "--name", "latent"]) == 0
     (row,) = json.loads((tmp_path / "latent.json").read_text())["results"]
     assert row["rgb_as_latents"] and "vae_encode" not in row["phases_ms"] and row["phases_ms"]["unet"] > 0
-    assert row["floor_ms"]["floor_ms"] == pytest.approx(row["floor_ms"]["unet_pair_ms"], abs=0.02)
+    assert row["floor_ms"]["floor_ms"] == pytest.approx(row["floor_ms"]["unet_ms"], abs=0.02)
+    # Rules: each one's floor counts the U-Net calls it makes in a step (ISM: 5 inversion steps, ε_∅
+    # at s, the CFG pair at t; VSD: the CFG pair and the particle network's training call).
+    args[3] = "tiny-sd"
+    assert main([*args, "--rule", "sds,ism,vsd", "--out", str(tmp_path), "--name", "rules"]) == 0
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "rules.json").read_text())["results"]}
+    assert rows["ism"]["floor_ms"]["unet_calls"] == [1, 1, 1, 1, 1, 1, 2]
+    assert rows["vsd"]["floor_ms"]["unet_calls"] == [2, 1]
+    assert rows["ism"]["floor_ms"]["unet_ms"] > rows["sds"]["floor_ms"]["unet_ms"]
+    assert "| tiny-sd | ism |" in (tmp_path / "rules.md").read_text()
 
 
 # --- the latent warm-up (Latent-NeRF; threestudio's rgb_as_latents) --------------------------------

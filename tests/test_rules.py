@@ -223,15 +223,280 @@ def test_csd_is_the_guidance_term_alone_a_constant_push_under_two_gaussians():
 
 @pytest.mark.parametrize("name", list(RULES))
 def test_every_rule_trains_the_builtin_and_a_tiny_sd_prior(name, tiny_sd_model, tmp_path):
+    """Each rule, by its own class, runs end to end on the built-in prior and on a tiny SD pipeline
+    (latents through a VAE), and is written to config.json under its own kind."""
+    import json
+
     from conftest import tiny_diffusers_run
-    from sds3d.config import preset
-    from sds3d.train import train
+    from sds3d.config import load_config, preset
+    from sds3d.rules import RULE_CONFIGS, with_rule
+    from sds3d.train import build_rule, train
 
     config = preset("fast")
     config.camera.width = config.camera.height = 8
     config.renderer.num_samples = 8
     for i, run in enumerate([config, tiny_diffusers_run(tiny_sd_model, size=16, steps=2)]):
         run = dataclasses.replace(run, prompt="a red cube", steps=2, validate_every=0)
-        run.rule = dataclasses.replace(run.rule, kind=name)
+        run.rule = with_rule(run.rule, name)
+        assert type(run.rule) is RULE_CONFIGS[name] and run.rule.kind == name
         out = train(run, tmp_path / str(i), progress=False)
         assert out.steps_done == 2 and name in out.final_losses and out.final_losses["grad_norm"] > 0
+        assert json.loads((tmp_path / str(i) / "config.json").read_text())["rule"]["kind"] == name
+        assert type(load_config(tmp_path / str(i) / "config.json").rule) is RULE_CONFIGS[name]
+        if name in ("vsd", "esd"):
+            assert out.final_losses["particle"] > 0
+    classes = {"nfsd": "NFSDRule", "perp-neg": "PerpNegRule", "ism": "ISMRule", "sdi": "SDIRule", "vsd": "VSDRule",
+               "esd": "VSDRule"}  # fmt: skip
+    assert type(build_rule(run)).__name__ == classes.get(name, "SDSRule")
+
+
+class LinearPrior(Prior):
+    """ε̂ = a·x_t + c·e_text, with a text's embedding a fixed random image; the render is the model's
+    space (no [0, 1] → [−1, 1] map), so the formulas below read as the papers write them."""
+
+    def __init__(self, texts: list[str], a: float = 0.5, c: float = 0.3, shape=(3, 4, 4)):
+        super().__init__(diffusion.DDPM_SCHEDULER_CONFIG)
+        g = torch.Generator().manual_seed(11)
+        self.emb = {text: torch.randn(shape, generator=g) for text in texts}
+        self.a, self.c = a, c
+
+    def encode_prompt(self, text):
+        if text not in self.emb:
+            from sds3d.errors import UserError
+
+            raise UserError(f"unknown text {text!r}")
+        return self.emb[text]
+
+    def encode_images(self, rgb):
+        return rgb
+
+    def predict_noise(self, x_t, t, embeddings, cameras):
+        return self.a * x_t + self.c * torch.stack(list(embeddings))
+
+    def eps(self, x_t, text):
+        return self.a * x_t + self.c * self.emb[text]
+
+
+def _rule_grad(rule, prior, x, cond, uncond, seed=3, cameras=None):
+    rgb = x.clone().requires_grad_(True)
+    out = rule(prior, rgb, cond, uncond, 0.4, cameras=cameras, generator=torch.Generator().manual_seed(seed))
+    name = next(iter(out.losses))
+    return torch.autograd.grad(out.losses[name], rgb)[0], out
+
+
+def _expand(v):
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _cfg(prior, x_t, cond_text, uncond_text, s):
+    return prior.eps(x_t, uncond_text) + s * (prior.eps(x_t, cond_text) - prior.eps(x_t, uncond_text))
+
+
+def test_sjc_gradient_is_the_paas_average_of_alpha_over_sigma_times_the_residual():
+    from sds3d.rules import with_rule
+
+    prior, b, s = LinearPrior(["y", ""]), 3, 2.0
+    config = with_rule(SDSRuleConfig(guidance_scale=s), "sjc")
+    config.paas_samples = 2
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, out = _rule_grad(config.build(), prior, x, [prior.emb["y"]] * b, [prior.emb[""]] * b)
+    g = torch.Generator().manual_seed(3)
+    t = diffusion.sample_timesteps(b, (0.02, 0.98), T, g)
+    abar = _expand(prior.alphas_cumprod[t])
+    expected = torch.zeros_like(x)
+    for _ in range(2):
+        n = torch.randn(x.shape, generator=g)
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * n
+        expected += (abar.sqrt() / (1 - abar).sqrt()) * (_cfg(prior, x_t, "y", "", s) - n) / 2
+    assert torch.equal(out.timesteps, t) and torch.allclose(ours, expected / b, atol=1e-5)
+
+
+def test_nfsd_gradient_is_the_domain_plus_scaled_condition_term_on_both_sides_of_the_threshold():
+    from sds3d.prompts import PromptConfig, PromptProcessor
+    from sds3d.rules import with_rule
+
+    prior, b, s = LinearPrior(["y", "", "bad"]), 8, 3.0
+    config = with_rule(SDSRuleConfig(guidance_scale=s, weighting="dreamfusion"), "nfsd")
+    config.negative_prompt = "bad"
+    rule = config.build()
+    rule.prepare(prior, PromptProcessor("y", PromptConfig(view_dependent=False), prior.encode_prompt))
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, out = _rule_grad(rule, prior, x, [prior.emb["y"]] * b, [prior.emb[""]] * b)
+    g = torch.Generator().manual_seed(3)
+    t = diffusion.sample_timesteps(b, (0.02, 0.98), T, g)
+    n = torch.randn(x.shape, generator=g)
+    abar = _expand(prior.alphas_cumprod[t])
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * n
+    e_u, e_y, e_neg = prior.eps(x_t, ""), prior.eps(x_t, "y"), prior.eps(x_t, "bad")
+    delta_d = torch.where(_expand(t) < 200, e_u, e_u - e_neg)
+    expected = (1 - abar) * (delta_d + s * (e_y - e_u))
+    assert bool((t < 200).any()) and bool((t >= 200).any())  # both branches are exercised
+    assert torch.allclose(ours, expected / b, atol=1e-5)
+
+
+def test_nfsd_falls_back_to_the_unconditional_score_when_the_prior_cannot_encode_its_negative(capsys):
+    from sds3d.prompts import PromptConfig, PromptProcessor
+    from sds3d.rules import with_rule
+
+    prior = LinearPrior(["y", ""])
+    rule = with_rule(SDSRuleConfig(), "nfsd").build()
+    rule.prepare(prior, PromptProcessor("y", PromptConfig(view_dependent=False), prior.encode_prompt))
+    assert rule.negative is None and "cannot encode NFSD's negative prompt" in capsys.readouterr().err
+
+
+def test_perp_neg_gradient_removes_the_other_views_perpendicular_parts():
+    from sds3d.cameras import orbit_cameras
+    from sds3d.prompts import PromptConfig, PromptProcessor
+    from sds3d.rules import with_rule
+
+    texts = ["y", "", "y, front view", "y, side view", "y, back view"]
+    prior, s, lam = LinearPrior(texts), 2.0, 0.7
+    config = with_rule(SDSRuleConfig(guidance_scale=s, weighting="dreamfusion"), "perp-neg")
+    config.negative_weight = lam
+    rule = config.build()
+    rule.prepare(prior, PromptProcessor("y", PromptConfig(), prior.encode_prompt))
+    el, az = torch.tensor([10.0, 10.0, 20.0, 75.0]), torch.tensor([5.0, 90.0, 170.0, 30.0])
+    cams = orbit_cameras(el, az, torch.full((4,), 2.5), torch.full((4,), 40.0), 8, 8)
+    labels, negatives = ["front", "side", "back", "overhead"], [("side", "back"), ("front", "back"),
+                                                                 ("front", "side"), None]  # fmt: skip
+    cond = [prior.emb[f"y, {lab} view"] if lab != "overhead" else prior.emb["y"] for lab in labels]
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, _ = _rule_grad(rule, prior, x, cond, [prior.emb[""]] * 4, cameras=cams)
+    g = torch.Generator().manual_seed(3)
+    t = diffusion.sample_timesteps(4, (0.02, 0.98), T, g)
+    n = torch.randn(x.shape, generator=g)
+    abar = _expand(prior.alphas_cumprod[t])
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * n
+    expected = []
+    for i in range(4):
+        e_u = prior.eps(x_t[i], "")
+        e_pos = prior.a * x_t[i] + prior.c * cond[i] - e_u
+        total = e_pos.clone()
+        for other in negatives[i] or ():
+            e_i = prior.eps(x_t[i], f"y, {other} view") - e_u
+            total -= lam * (e_i - (e_i * e_pos).sum() / (e_pos * e_pos).sum() * e_pos)
+        expected.append((1 - abar[i]) * (e_u + s * total - n[i]))
+    assert torch.allclose(ours, torch.stack(expected) / 4, atol=1e-5)
+
+
+def _ddim(prior, x, k_from, k_to, eps):
+    a_f, a_t = _expand(prior.alphas_cumprod[k_from]), _expand(prior.alphas_cumprod[k_to])
+    x0 = (x - (1 - a_f).sqrt() * eps) / a_f.sqrt()
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+
+
+def test_ism_gradient_compares_the_guided_score_at_t_with_the_inverted_unconditional_one_at_s():
+    from sds3d.rules import with_rule
+
+    prior, b, s, n_inv, delta = LinearPrior(["y", ""]), 3, 2.0, 4, 80
+    config = with_rule(SDSRuleConfig(guidance_scale=s, t_min=0.3, t_max=0.9), "ism")
+    config.inversion_steps, config.interval = n_inv, delta / 1000
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, out = _rule_grad(config.build(), prior, x, [prior.emb["y"]] * b, [prior.emb[""]] * b)
+    t = diffusion.sample_timesteps(b, (0.3, 0.9), T, torch.Generator().manual_seed(3))
+    s_t = t - delta
+    xs = x.clone()
+    for j in range(n_inv):
+        k0, k1 = s_t * j // n_inv, s_t * (j + 1) // n_inv
+        xs = _ddim(prior, xs, k0, k1, prior.eps(xs, ""))
+    eps_s = prior.eps(xs, "")
+    x_t = _ddim(prior, xs, s_t, t, eps_s)
+    abar = _expand(prior.alphas_cumprod[t])
+    expected = ((1 - abar) / abar).sqrt() * (_cfg(prior, x_t, "y", "", s) - eps_s)  # LucidDreamer's w(t)
+    assert torch.equal(out.timesteps, t) and torch.allclose(ours, expected / b, atol=1e-5)
+
+
+def test_sdi_gradient_uses_the_noise_that_ddim_inversion_implies():
+    from sds3d.rules import with_rule
+
+    prior, b, s, s_inv, n_inv, eta = LinearPrior(["y", ""]), 3, 2.0, -1.5, 5, 0.3
+    config = with_rule(SDSRuleConfig(guidance_scale=s, weighting="dreamfusion"), "sdi")
+    config.inversion_guidance_scale, config.inversion_steps, config.inversion_eta = s_inv, n_inv, eta
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, _ = _rule_grad(config.build(), prior, x, [prior.emb["y"]] * b, [prior.emb[""]] * b)
+    g = torch.Generator().manual_seed(3)
+    t = diffusion.sample_timesteps(b, (0.02, 0.98), T, g)
+    fresh = torch.randn(x.shape, generator=g)
+    xi = x.clone()
+    for j in range(n_inv):
+        xi = _ddim(prior, xi, t * j // n_inv, t * (j + 1) // n_inv, _cfg(prior, xi, "y", "", s_inv))
+    abar = _expand(prior.alphas_cumprod[t])
+    kappa = (xi - abar.sqrt() * x) / (1 - abar).sqrt()
+    kappa = (1 - eta**2) ** 0.5 * kappa + eta * fresh
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * kappa
+    expected = (1 - abar) * (_cfg(prior, x_t, "y", "", s) - kappa)
+    assert torch.allclose(ours, expected / b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vsd", "esd"])
+def test_vsd_and_esd_gradients_and_the_particle_models_training_target(name):
+    """g = w(ε̂ − ε_φ), ε_φ = ε_y + h; ESD's h = λh(∅) + (1 − λ)h(c). A stub h that depends on the
+    camera shows the mix; φ's loss is ‖ε_y(x'_t') + h(x'_t', c or ∅) − ε'‖² at a fresh (t', ε')."""
+    from sds3d.cameras import orbit_cameras
+    from sds3d.rules import with_rule
+    from sds3d.rules.vsd import camera_vectors
+
+    class StubParticle(torch.nn.Module):
+        def forward(self, x_t, t_frac, camera):
+            return (1 + camera[:, 0] + 2 * camera[:, 4] + t_frac).reshape(-1, 1, 1, 1) * torch.ones_like(x_t)
+
+    prior, b, s = LinearPrior(["y", ""]), 4, 2.0
+    config = with_rule(SDSRuleConfig(guidance_scale=s, weighting="dreamfusion"), name)
+    config.camera_dropout = 0.5
+    lam = config.camera_free_weight
+    assert (lam == 0.0) == (name == "vsd")
+    rule = config.build()
+    rule.particle = StubParticle()
+    cams = orbit_cameras(torch.tensor([10.0, 20, 30, 40]), torch.tensor([0.0, 60, 120, 180]),
+                         torch.full((4,), 2.5), torch.full((4,), 40.0), 8, 8)  # fmt: skip
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours, out = _rule_grad(rule, prior, x, [prior.emb["y"]] * b, [prior.emb[""]] * b, cameras=cams)
+    g = torch.Generator().manual_seed(3)
+    t = diffusion.sample_timesteps(b, (0.02, 0.98), T, g)
+    n = torch.randn(x.shape, generator=g)
+    abar = _expand(prior.alphas_cumprod[t])
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * n
+    cam = camera_vectors(cams, b, x.device)
+    h = lambda c, tt: (1 + c[:, 0] + 2 * c[:, 4] + tt / 1000).reshape(-1, 1, 1, 1)  # noqa: E731
+    h_mix = lam * h(torch.zeros_like(cam), t.float()) + (1 - lam) * h(cam, t.float())
+    expected = (1 - abar) * (_cfg(prior, x_t, "y", "", s) - (prior.eps(x_t, "y") + h_mix))
+    assert torch.allclose(ours, expected / b, atol=1e-5)
+    t2 = torch.randint(20, 981, (b,), generator=g)
+    n2 = torch.randn(x.shape, generator=g)
+    keep = torch.rand(b, generator=g) >= 0.5
+    a2 = _expand(prior.alphas_cumprod[t2])
+    x2 = a2.sqrt() * x + (1 - a2).sqrt() * n2
+    pred = prior.eps(x2, "y") + h(cam * keep[:, None], t2.float())
+    assert bool(keep.any()) and not bool(keep.all())  # both kinds of sample are in the batch
+    assert torch.allclose(out.losses["particle"], ((pred - n2) ** 2).mean(), atol=1e-6)
+
+
+def test_a_vsd_run_resumes_exactly_with_its_particle_network(tmp_path):
+    """VSD's particle score network and its Adam state are checkpointed with the scene: a run stopped
+    at step 2 and resumed ends where the uninterrupted run does, network included; and the network
+    did train (its zero-initialised last layer moved)."""
+    from sds3d.config import preset
+    from sds3d.rules import with_rule
+    from sds3d.train import train
+
+    config = preset("fast")
+    config.camera.width = config.camera.height = 8
+    config.renderer.num_samples = 8
+    config.rule = with_rule(config.rule, "vsd")
+    config = dataclasses.replace(config, prompt="a red cube", steps=4, checkpoint_every=2, validate_every=0)
+
+    def stop_at_2(step, scene):
+        if step == 2:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(config, tmp_path / "a", progress=False)
+    assert train(config, tmp_path / "b", progress=False, on_step=stop_at_2).steps_done == 2
+    train(config, tmp_path / "b", resume=True, progress=False)
+    a, b = (torch.load(tmp_path / x / "checkpoints" / "last.pt", weights_only=True) for x in "ab")
+    assert set(a["rule"]) == set(b["rule"]) and a["rule"]
+    assert all(torch.equal(a["rule"][k], b["rule"][k]) for k in a["rule"])
+    assert all(torch.equal(a["scene"][k], b["scene"][k]) for k in a["scene"])
+    assert float(a["rule"]["particle.conv_out.weight"].abs().sum()) > 0

@@ -119,7 +119,7 @@ def _resolve_config(args: argparse.Namespace):
     from sds3d.config import GUIDANCE_KINDS, DiffusersGuidanceConfig, check_config, load_config, preset
     from sds3d.devices import check_device
     from sds3d.prompts import validate_prompt
-    from sds3d.rules import RULES
+    from sds3d.rules import with_rule
 
     if args.config is not None and (args.resume or args.preset):
         raise UserError(f"--config cannot be combined with {'--resume' if args.resume else '--preset'}")
@@ -161,9 +161,7 @@ def _resolve_config(args: argparse.Namespace):
             elif config.guidance.kind != prior:
                 config.guidance = GUIDANCE_KINDS[prior]()
         if args.rule is not None:
-            if args.rule not in RULES:
-                raise UserError(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
-            config.rule = dataclasses.replace(config.rule, kind=args.rule)  # the preset's t, w(t) and CFG
+            config.rule = with_rule(config.rule, args.rule)  # the preset's t, w(t) and CFG
         if args.seed is not None:
             config.seed = args.seed
         if args.latent_warmup is not None:

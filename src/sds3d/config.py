@@ -1,8 +1,8 @@
 """Run configuration: one dataclass tree, presets as plain Python, JSON in and out.
 
 Each component's config lives beside its class (`CameraConfig` in cameras.py, …); `RunConfig`
-only composes them. The typed union `GuidanceConfig` is the registry of priors, told apart by
-their `kind` field. Presets are `RunConfig`s built with `dataclasses.replace`.
+only composes them. The typed unions `GuidanceConfig` and `rules.RuleConfig` are the registries
+of priors and rules, told apart by their `kind` field. Presets are `RunConfig`s built with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
 from sds3d.representations.nerf_scene import RegularizerConfig
-from sds3d.rules import RuleConfig, SDSRuleConfig
+from sds3d.rules import RULE_CONFIGS, RuleConfig, SDSRuleConfig
 from sds3d.runs import write_atomic
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
@@ -221,12 +221,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        if isinstance(value, dict) and "kind" in value and any(a in GUIDANCE_KINDS.values() for a in args):
-            if value["kind"] not in GUIDANCE_KINDS:
-                raise ConfigError(
-                    f"{where}.kind must be one of {', '.join(GUIDANCE_KINDS)}, not {_show(value['kind'])}"
-                )
-            return _convert(GUIDANCE_KINDS[value["kind"]], value, where)
+        for kinds in (GUIDANCE_KINDS, RULE_CONFIGS):  # the unions told apart by `kind`
+            if isinstance(value, dict) and "kind" in value and any(a in kinds.values() for a in args):
+                if value["kind"] not in kinds:
+                    raise ConfigError(
+                        f"{where}.kind must be one of {', '.join(kinds)}, not {_show(value['kind'])}"
+                    )
+                return _convert(kinds[value["kind"]], value, where)
         if isinstance(value, dict) and Ramp in args:
             return _convert(Ramp, value, where)
         for arg in args:

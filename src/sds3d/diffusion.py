@@ -24,10 +24,10 @@ from typing import Literal
 
 import torch
 
-Weighting = Literal["dreamfusion", "seed", "uniform", "fantasia3d", "ism"]
+Weighting = Literal["dreamfusion", "seed", "uniform", "fantasia3d", "ism", "sjc"]
 TimestepSchedule = Literal["constant", "linear", "sqrt", "step", "dreamtime"]
 
-WEIGHTINGS: tuple[str, ...] = ("dreamfusion", "seed", "uniform", "fantasia3d", "ism")
+WEIGHTINGS: tuple[str, ...] = ("dreamfusion", "seed", "uniform", "fantasia3d", "ism", "sjc")
 TIMESTEP_SCHEDULES: tuple[str, ...] = ("constant", "linear", "sqrt", "step", "dreamtime")
 
 # Stable Diffusion's scheduler (runwayml/stable-diffusion-v1-5 scheduler_config.json).
@@ -155,6 +155,7 @@ def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: Weighting) -> torch.Te
     - uniform:     1
     - fantasia3d:  sqrt(ᾱ_t)(1 − ᾱ_t)
     - ism:         sqrt((1 − ᾱ_t)/ᾱ_t)  (LucidDreamer)
+    - sjc:         sqrt(ᾱ_t/(1 − ᾱ_t)) = α_t/σ_t  (SJC's PAAS score, 1/σ̃ in the VE view)
     """
     a = alphas_cumprod_t
     if weighting == "dreamfusion":
@@ -167,6 +168,8 @@ def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: Weighting) -> torch.Te
         return a.sqrt() * (1 - a)
     if weighting == "ism":
         return ((1 - a) / a).sqrt()
+    if weighting == "sjc":
+        return (a / (1 - a)).sqrt()
     raise ValueError(f"unknown weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
 
 
@@ -215,3 +218,14 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod_t: torch.Ten
     """x̂_0 = (x_t − σ_t ε̂)/α_t, the one-step denoised estimate (for samplers and rules that need it)."""
     a = alphas_cumprod_t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def ddim_step(
+    x_t: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor
+) -> torch.Tensor:
+    """One deterministic DDIM step (η = 0) from ᾱ_from to ᾱ_to, either direction (Song et al. 2021,
+    eq. 12): x_to = α_to·x̂_0 + σ_to·ε̂ with x̂_0 = (x_t − σ_from ε̂)/α_from. Going up in t it is DDIM
+    inversion. ᾱ's are [B] (or 0-d)."""
+    x0 = predict_x0(x_t, eps, abar_from)
+    a = abar_to.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps

@@ -81,10 +81,14 @@ def build_rule(config: RunConfig) -> Rule:
     return config.rule.build().to(config.device)
 
 
-def build_optimizer(config: RunConfig, scene: Representation) -> torch.optim.Optimizer:
+def build_optimizer(
+    config: RunConfig, scene: Representation, rule: Rule | None = None
+) -> torch.optim.Optimizer:
+    """Adam over the scene's parameter groups and the rule's own (VSD's particle score)."""
     o = config.optim
+    groups = scene.param_groups(o) + ([] if rule is None else rule.param_groups())
     return torch.optim.Adam(
-        scene.param_groups(o), betas=o.betas, eps=o.eps,
+        groups, betas=o.betas, eps=o.eps,
         fused=config.device.startswith("cuda"),  # one kernel for the whole update
     )  # fmt: skip
 
@@ -110,9 +114,16 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, NeRFScene
 
 
 def save_checkpoint(
-    run_dir: Path, scene: NeRFScene, optimizer: torch.optim.Optimizer, step: int, rng_state: torch.Tensor
+    run_dir: Path,
+    scene: NeRFScene,
+    rule: Rule,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    rng_state: torch.Tensor,
 ) -> None:
     state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}
+    if rule_state := rule.state_dict():  # a rule's own parameters (VSD), resumed with the scene
+        state["rule"] = rule_state
     runs.save_checkpoint(run_dir, state)
 
 
@@ -120,6 +131,7 @@ def resume_from_checkpoint(
     config: RunConfig,
     run_dir: Path,
     scene: NeRFScene,
+    rule: Rule,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> int:
@@ -130,12 +142,14 @@ def resume_from_checkpoint(
     state = runs.load_checkpoint(run_dir, map_location=config.device).state
     where = f"the checkpoint in {run_dir / 'checkpoints'}"
     runs.load_state(scene, state["scene"], where)
+    if rule.state_dict() or "rule" in state:
+        runs.load_state(rule, state.get("rule", {}), where)
     runs.load_state(optimizer, state["optimizer"], where)
     try:
         generator.set_state(state["rng"])
     except RuntimeError as err:
         raise UserError(f"{where} has an unusable generator state ({err})") from None
-    wanted = build_optimizer(config, scene).param_groups
+    wanted = build_optimizer(config, scene, rule).param_groups
     for group, new in zip(optimizer.param_groups, wanted, strict=True):
         for key in ("lr", "betas", "eps"):
             if _plain(group[key]) != _plain(new[key]):
@@ -235,6 +249,7 @@ def _train(
     prior = build_prior(config) if prior is None else prior
     rule = build_rule(config)
     prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
+    rule.prepare(prior, prompts)  # its own texts (NFSD, Perp-Neg) and parameters (VSD)
     prompts.precompute()  # every text once; then our own prior's text encoder goes (large for SD and IF)
     release = getattr(prior, "release_text_encoder", None)
     if owned and callable(release):
@@ -242,13 +257,13 @@ def _train(
     warmup = config.latent_warmup
     latent_maps = _latent_maps(prior, warmup.channels) if warmup.steps > 0 else None
     scene = build_scene(config)
-    optimizer = build_optimizer(config, scene)
+    optimizer = build_optimizer(config, scene, rule)
     generator = torch.Generator().manual_seed(config.seed)
     if latent_maps is not None:  # fitted afresh each time; a resumed run keeps its checkpoint's maps
         scene.set_latent_maps(*latent_maps)
     start = 0
     if resume:
-        start = resume_from_checkpoint(config, run_dir, scene, optimizer, generator)
+        start = resume_from_checkpoint(config, run_dir, scene, rule, optimizer, generator)
         if start > config.steps:
             raise UserError(
                 f"{run_dir} is already at step {start}; pass --steps {start} or more to resume it"
@@ -319,7 +334,7 @@ def _train(
                     pending = (host, ready, done)
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(run_dir, scene, optimizer, done, generator.get_state())
+                save_checkpoint(run_dir, scene, rule, optimizer, done, generator.get_state())
             if config.validate_every > 0 and (done % config.validate_every == 0 or done == config.steps):
                 save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png",
                                 latent=is_latent(config, done))  # fmt: skip
@@ -331,7 +346,7 @@ def _train(
     bar.close()
     interrupted = step < config.steps
     if interrupted:
-        save_checkpoint(run_dir, scene, optimizer, step, generator.get_state())
+        save_checkpoint(run_dir, scene, rule, optimizer, step, generator.get_state())
     wall = time.perf_counter() - t0
     return TrainOutput(
         run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),

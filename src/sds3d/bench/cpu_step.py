@@ -29,8 +29,9 @@ def time_step_phases(steps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of each phase of the default preset's SDS step."""
     config = dataclasses.replace(preset("default"), prompt=DEMO_PROMPT)
     scene, prior, rule = build_scene(config), build_prior(config), build_rule(config)
-    optimizer = build_optimizer(config, scene)
     prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
+    rule.prepare(prior, prompts)
+    optimizer = build_optimizer(config, scene, rule)
     generator = torch.Generator().manual_seed(0)
     from sds3d.cameras import sample_cameras
 

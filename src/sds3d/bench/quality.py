@@ -157,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"not world prompts: {', '.join(bad)}")
     prompts = prompts[: args.limit] if args.limit else prompts
-    from sds3d.rules import RULES
+    from sds3d.rules import RULES, with_rule
 
     if args.rule not in RULES:
         parser.error(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
     base = dataclasses.replace(preset("default"), device=args.device)
-    base.rule = dataclasses.replace(base.rule, kind=args.rule)
+    base.rule = with_rule(base.rule, args.rule)
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
     results: dict[str, list[dict]] = {}

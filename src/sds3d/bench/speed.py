@@ -14,6 +14,13 @@ renders) runs with a `DiffusersGuidance` built from the architecture's published
 `builtin` is sds3d's own prior (pixels, 32×32) with the default preset instead. `tiny-sd` is a toy
 SD layout for tests. `--rgb-as-latents` times the latent warm-up's step (Latent-NeRF: the render
 is the latents, no VAE encoder), against the U-Net pair alone as its floor.
+
+`--rule a,b,…` times each distillation rule (`sds3d rules`) with the preset's t, w(t) and CFG. A
+rule's floor counts the U-Net calls it makes: the batch size of every `predict_noise` call of one
+step is recorded in the run, and each of those calls is timed alone (same mode) and summed. So ISM's
+inversion steps, SDI's guided inversion, NFSD's and Perp-Neg's extra texts and VSD's particle
+training call are all in their floors; VSD's own small network and the literal rule's backward
+through the U-Net are not (they are the rule's work beyond the prior's forward passes).
 """
 
 from __future__ import annotations
@@ -176,7 +183,10 @@ def run_config(
     hash_grid: str = "torch",
     channels_last: bool | None = None,
     latent_steps: int = 0,
+    rule: str = "sds",
 ) -> RunConfig:
+    from sds3d.rules import with_rule
+
     if arch == "builtin":
         config = dataclasses.replace(preset("default"), prompt=PROMPT)
     else:
@@ -197,7 +207,7 @@ def run_config(
     )
     return dataclasses.replace(
         config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9,
-        latent_warmup=LatentWarmupConfig(steps=latent_steps),
+        latent_warmup=LatentWarmupConfig(steps=latent_steps), rule=with_rule(config.rule, rule),
     )  # fmt: skip
 
 
@@ -205,7 +215,7 @@ def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
     nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool | None = None,
-    rgb_as_latents: bool = False,
+    rgb_as_latents: bool = False, rule: str = "sds",
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
     from sds3d.representations import nerf_scene as scene_module
@@ -215,7 +225,7 @@ def measure(
     # With rgb_as_latents every step of the run is a latent warm-up step.
     config = run_config(
         arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid,
-        channels_last, latent_steps=warmup + steps + 1 if rgb_as_latents else 0,
+        channels_last, latent_steps=warmup + steps + 1 if rgb_as_latents else 0, rule=rule,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -250,8 +260,8 @@ def measure(
         floor["vae_encode_fb_ms"] = (
             median_ms(vae_fb, clock, warmup, steps) if guidance.vae is not None else 0.0
         )
-        # The latent warm-up's step has no VAE encoder: its floor is the U-Net pair alone.
-        floor["floor_ms"] = floor["unet_pair_ms"] + (0.0 if rgb_as_latents else floor["vae_encode_fb_ms"])
+        # The floor's total is set after the run, from the rule's U-Net calls; the latent warm-up's
+        # step has no VAE encoder, so its floor is those calls alone.
 
         # The real loop, with marks around the render, the VAE encode and the U-Net of every step.
         phases: dict[str, list[tuple[Any, Any]]] = {"render": [], "vae_encode": [], "unet": []}
@@ -270,10 +280,19 @@ def measure(
         scene_module.render = timed("render", real_render)  # type: ignore[assignment]
         if guidance.vae is not None:
             guidance.encode_images = timed("vae_encode", guidance.encode_images)  # type: ignore[method-assign]
-        guidance.predict_noise = timed("unet", guidance.predict_noise)  # type: ignore[method-assign]
+        call_rows: list[int] = []  # the batch of every U-Net call, for the rule's floor
+        real_predict = guidance.predict_noise
+
+        def counted(x_t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            call_rows.append(int(x_t.shape[0]))
+            return real_predict(x_t, *args, **kwargs)
+
+        guidance.predict_noise = timed("unet", counted)  # type: ignore[method-assign]
         # The run's texts encoded before the measured loop, then the text encoder released, as a run
         # with its own prior does (train keeps a prior it is given as it is).
-        PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt).precompute()
+        processor = PromptProcessor(config.prompt, config.prompts, guidance.encode_prompt)
+        train_module.build_rule(config).prepare(guidance, processor)  # the rule's own texts (NFSD, Perp-Neg)
+        processor.precompute()
         guidance.release_text_encoder()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -288,13 +307,20 @@ def measure(
         step_ms = [
             clock.ms(a, b) for a, b in zip(step_marks[warmup:], step_marks[warmup + 1 :], strict=False)
         ]
-        inside = {
-            name: [clock.ms(a, b) for a, b in marks[warmup:]] for name, marks in phases.items() if marks
-        }
+        inside = {name: _per_step_ms(marks, clock, warmup, steps) for name, marks in phases.items() if marks}
     step = statistics.median(step_ms)
     phase_ms = {name: statistics.median(v) for name, v in inside.items()}
     phase_ms["rest"] = step - sum(phase_ms.values())
+    # The rule's floor: one step's U-Net calls (the last step's), each timed alone.
+    per_step = len(call_rows) // (warmup + steps)
+    calls = call_rows[len(call_rows) - per_step :]
+    guidance.predict_noise = real_predict  # type: ignore[method-assign]
+    unet_ms = sum(_call_ms(guidance, n, emb, channels, size, dev, clock, warmup, steps) for n in calls)
+    floor["unet_calls"] = calls  # type: ignore[assignment]
+    floor["unet_ms"] = unet_ms
+    floor["floor_ms"] = unet_ms + (0.0 if rgb_as_latents else floor["vae_encode_fb_ms"])
     return {
+        "rule": rule,
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
         "hash_grid": hash_grid, "channels_last": guidance.config.channels_last, "rgb_as_latents": rgb_as_latents,
@@ -302,11 +328,38 @@ def measure(
         "render_resolution": res, "samples_per_ray": config.renderer.num_samples, "steps_timed": steps,
         "warmup": warmup, "build_s": round(build_s, 1), "step_ms": round(step, 2),
         "steps_per_s": round(1000 / step, 2), "phases_ms": {k: round(v, 2) for k, v in phase_ms.items()},
-        "floor_ms": {k: round(v, 2) for k, v in floor.items()},
+        "floor_ms": {k: v if isinstance(v, list) else round(v, 2) for k, v in floor.items()},
         "step_over_floor": round(step / floor["floor_ms"], 3),
         "peak_gpu_gb": None if peak_gb is None else round(peak_gb, 2),
         "projected_10k_min": round(step * 10_000 / 60_000, 2),
     }  # fmt: skip
+
+
+def _per_step_ms(marks: list[tuple[Any, Any]], clock: Clock, warmup: int, steps: int) -> list[float]:
+    """Each timed step's total in one phase; a rule may call a phase several times per step, and
+    calls before the loop (a rule's set-up) are left out."""
+    per = len(marks) // (warmup + steps)
+    ms = [clock.ms(a, b) for a, b in marks[len(marks) - per * (warmup + steps) :]]
+    return [sum(ms[i * per : (i + 1) * per]) for i in range(warmup, warmup + steps)]
+
+
+_CALL_CACHE: dict[tuple[int, int], float] = {}
+
+
+def _call_ms(guidance: Any, rows: int, emb: Any, channels: int, size: int, dev: torch.device, clock: Clock,
+             warmup: int, steps: int) -> float:  # fmt: skip
+    """Median ms of one U-Net forward on `rows` rows, alone (cached per guidance and batch size)."""
+    key = (id(guidance), rows)
+    if key not in _CALL_CACHE:
+        x_t = torch.randn(rows, channels, size, size, device=dev)
+        t = torch.full((rows,), 500, device=dev)
+
+        def call() -> None:
+            with torch.no_grad():
+                guidance.predict_noise(x_t, t, [emb] * rows, None)
+
+        _CALL_CACHE[key] = median_ms(call, clock, warmup, steps)
+    return _CALL_CACHE[key]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
+    parser.add_argument("--rule", default="sds", help="comma-separated distillation rules (`sds3d rules`)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -350,15 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a not in ARCHS and a != "builtin"]
     if unknown:
         parser.error(f"unknown arch {', '.join(unknown)}; choose from {', '.join([*ARCHS, 'builtin'])}")
+    from sds3d.rules import RULES
+
+    rules = args.rule.split(",")
+    if unknown := [r for r in rules if r not in RULES]:
+        parser.error(f"unknown rule {', '.join(unknown)}; choose from {', '.join(RULES)}")
     if args.rgb_as_latents and "builtin" in archs:
         parser.error("--rgb-as-latents needs a latent model; builtin works in pixels")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     rows = []
     for arch in archs:
-        rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                            args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode, args.hash_grid,
-                            args.channels_last, args.rgb_as_latents))  # fmt: skip
-        print(rows[-1], flush=True)
+        for rule in rules:
+            rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
+                                args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode,
+                                args.hash_grid, args.channels_last, args.rgb_as_latents, rule))  # fmt: skip
+            print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "results": rows}  # fmt: skip
@@ -376,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: GPU {m['gpu']}, {m['cpu']} ({m['cores']} cores), torch {m['torch']}",
         "",
         "Random weights in each architecture's published config; the real training loop on a NeRF. "
-        f"Medians of {args.steps} steps after {args.warmup} warm-up steps. Floor = U-Net CFG-pair forward + "
-        "VAE encoder forward and backward, measured alone in the same process and mode"
+        f"Medians of {args.steps} steps after {args.warmup} warm-up steps. Floor = the step's U-Net forwards "
+        "(SDS: one CFG pair; other rules: every call they make, with its batch in rows) + VAE encoder forward "
+        "and backward, each measured alone in the same process and mode"
         + (
             "; the latent warm-up's step has no VAE encoder, so its floor is the U-Net pair alone (the "
             "VAE column still shows the encoder's f/b for reference)."
@@ -385,25 +446,30 @@ def main(argv: list[str] | None = None) -> int:
             else "."
         ),
         "",
-        "| arch | preset | render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
-        "| floor ms (U-Net + VAE f/b) | step / floor | peak GPU GB | 10k steps (min) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| arch | rule | preset | render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
+        "| U-Net calls (rows) | floor ms (U-Net + VAE f/b) | step / floor | step / SDS step | peak GPU GB "
+        "| 10k steps (min) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
+    sds_ms = {r["arch"]: r["step_ms"] for r in rows if r["rule"] == "sds"}
     for r in rows:
         p, f = r["phases_ms"], r["floor_ms"]
+        versus = f"{r['step_ms'] / sds_ms[r['arch']]:.2f}" if r["arch"] in sds_ms else "—"
         lines.append(
-            f"| {r['arch']} | {r['preset']} | {r['render_resolution']}², {r['samples_per_ray']} samples "
+            f"| {r['arch']} | {r['rule']} | {r['preset']} | {r['render_resolution']}², {r['samples_per_ray']} samples "
             f"| {r['step_ms']:.1f} | {r['steps_per_s']:.1f} | {p.get('render', 0):.1f} | {p.get('vae_encode', 0):.1f} "
-            f"| {p.get('unet', 0):.1f} | {p['rest']:.1f} | {f['floor_ms']:.1f} ({f['unet_pair_ms']:.1f} + "
+            f"| {p.get('unet', 0):.1f} | {p['rest']:.1f} | {' + '.join(map(str, f['unet_calls']))} "
+            f"| {f['floor_ms']:.1f} ({f['unet_ms']:.1f} + "
             + (
                 f"0; VAE f/b {f['vae_encode_fb_ms']:.1f} not in the step)"
                 if r["rgb_as_latents"]
                 else f"{f['vae_encode_fb_ms']:.1f})"
             )
-            + f" | {r['step_over_floor']:.2f} | {r['peak_gpu_gb'] or '—'} "
+            + f" | {r['step_over_floor']:.2f} | {versus} | {r['peak_gpu_gb'] or '—'} "
             f"| {r['projected_10k_min']:.1f} |"
         )
-    name = args.name or ("speed_" + "_".join(archs) + ("_compile" if args.compile else ""))
+    name = args.name or ("speed_" + "_".join(archs) + ("_compile" if args.compile else "")
+                         + ("" if rules == ["sds"] else "_rules"))  # fmt: skip
     write_report(args.out, name, report, lines)
     return 0
 

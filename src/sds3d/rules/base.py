@@ -3,22 +3,33 @@
     rule(prior, rgb, cond, uncond, step_ratio, cameras, generator) → RuleOutput(losses, …)
 
 A rule owns everything that is a choice of the distillation method: the timestep schedule, the
-weighting w(t), classifier-free guidance and clipping (and, for rules such as VSD, parameters of its
-own, to be trained beside the scene and checkpointed with it: not needed by any rule yet). The prior (guidance/base.py) only encodes texts and images and predicts noise;
-the training loop adds the losses to the representation's regularisers and steps the optimiser.
+weighting w(t), classifier-free guidance and clipping, texts beyond the run's own (`prepare`: NFSD's
+negative prompt, Perp-Neg's other views) and parameters of its own (`param_groups`: VSD's particle
+score network), which are trained beside the scene and checkpointed with it. The prior
+(guidance/base.py) only encodes texts and images and predicts noise; the training loop adds the
+losses to the representation's regularisers and steps the optimiser.
+
+The helpers below are the steps every rule shares: draw (t, ε) for a step, and ε̂ with CFG from one
+batched prior call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sds3d.cameras import Cameras
+from sds3d import diffusion
+from sds3d.cameras import Cameras, concat_cameras
+from sds3d.devices import device_generator
 from sds3d.guidance.base import Prior
+
+if TYPE_CHECKING:
+    from sds3d.prompts import PromptProcessor
+    from sds3d.rules.sds import SDSRuleConfig
 
 
 @dataclass
@@ -32,6 +43,15 @@ class RuleOutput:
 class Rule(nn.Module):
     """Base class of rules: `forward` is the rule."""
 
+    def prepare(self, prior: Prior, prompts: PromptProcessor) -> None:
+        """Encode the texts this rule needs beyond the run's (cond, uncond), and build what depends on
+        the prior. Called once per run, before the text encoder is released and before the
+        optimiser is built; embeddings come from `prompts.embedding` (cached)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of the rule's own parameters (none for most rules)."""
+        return []
+
     def forward(
         self,
         prior: Prior,
@@ -44,3 +64,60 @@ class Rule(nn.Module):
         rgb_as_latents: bool = False,
     ) -> RuleOutput:
         raise NotImplementedError
+
+
+def to_model_space(prior: Prior, rgb: torch.Tensor, rgb_as_latents: bool) -> torch.Tensor:
+    return prior.latents_from_render(rgb) if rgb_as_latents else prior.encode_images(rgb)
+
+
+def draw_timesteps(
+    c: SDSRuleConfig, prior: Prior, step_ratio: float, batch: int, generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Generator | None]:  # fmt: skip
+    """t ~ the config's schedule at `step_ratio` [B] long, and the generator the rest of the step
+    draws from: on a GPU one seeded from the run's generator (no host copy, no sync), else the run's."""
+    bounds = diffusion.timestep_bounds(c.t_schedule, step_ratio, c.t_min, c.t_max, c.t_max_end, c.t_drop_at)
+    g = device_generator(generator, device)
+    return diffusion.sample_timesteps(batch, bounds, prior.num_train_timesteps, g, device), g
+
+
+def gaussian_like(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """ε ~ N(0, I) shaped as x, drawn in float32 (so a seed means the same ε in any dtype)."""
+    return torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device).to(x)
+
+
+def predict_guided(
+    prior: Prior,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Sequence[Any],
+    uncond: Sequence[Any],
+    cameras: Cameras | None,
+    scale: float,
+    always_both: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(ε̂ = ε_∅ + s(ε_y − ε_∅), ε_∅, ε_y) from one prior call on a batch of 2B; with s = 1 (and not
+    `always_both`) only the conditional half is computed and ε_∅ is None."""
+    if scale == 1.0 and not always_both:
+        eps = prior.predict_noise(x_t, t, list(cond), cameras)
+        return eps, None, eps
+    both_cams = None if cameras is None else concat_cameras(cameras, cameras)
+    eps_both = prior.predict_noise(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
+    )
+    eps_uncond, eps_cond = eps_both.chunk(2)
+    return diffusion.classifier_free_guidance(eps_uncond, eps_cond, scale), eps_uncond, eps_cond
+
+
+def finish(
+    c: SDSRuleConfig, x: torch.Tensor, grad: torch.Tensor, step_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared tail of the score rules: g guarded against NaN, clipped (Debiased SDS), injected
+    as ∂loss/∂x = g/B. → (loss, mean ‖g‖)."""
+    from sds3d.ramp import value_at
+
+    grad = diffusion.nan_guard(grad)
+    if c.grad_clip is not None:
+        grad = diffusion.clip_gradient(grad, value_at(c.grad_clip, step_ratio))
+    loss = diffusion.reparameterised_loss(x, grad) / x.shape[0]
+    return loss, grad.flatten(1).norm(dim=1).mean()

@@ -1,5 +1,5 @@
-"""Score distillation (DreamFusion), the literal diffusion loss it simplifies, and classifier score
-distillation (CSD), which keeps only SDS's guidance term.
+"""Score distillation (DreamFusion), the literal diffusion loss it simplifies, classifier score
+distillation (CSD), which keeps only SDS's guidance term, and score Jacobian chaining (SJC).
 
 The step (DreamFusion eq. 3; `diffusion.py` has the derivation):
     x = E(render); t ~ schedule(step_ratio); ε ~ N(0, I); x_t = α_t x + σ_t ε
@@ -13,6 +13,12 @@ generative and a classifier term; CSD keeps the second, g = w(t)·s·(ε_y − �
 enters only through x_t. For two Gaussians N(μ_y, s_0²I), N(μ_∅, s_0²I) (guidance/analytic.py)
 ε_y − ε_∅ = α_t σ_t (μ_∅ − μ_y)/v_t for every x: a constant push along μ_y − μ_∅, with no fixed point
 (tests/test_rules.py).
+
+SJC (Wang et al., arXiv:2212.00774, eq. 9-11): the score of the clean render is estimated by
+perturb-and-average scoring (PAAS) in the variance-exploding view x̃ = x + σ̃n, σ̃ = σ_t/α_t, with
+D(x̃) = x̃ − σ̃ε̂: score(x) ≈ E_n[(D(x̃) − x)/σ̃²] = E_n[(n − ε̂)/σ̃]. Descending −log p, the gradient on x
+is E_n[(α_t/σ_t)(ε̂ − n)]: SDS with w(t) = α_t/σ_t (`weighting="sjc"`), averaged over `paas_samples`
+draws of n. Its expected gradient under a Gaussian prior is that of SDS, so its fixed point is SDS's.
 """
 
 from __future__ import annotations
@@ -24,11 +30,10 @@ from typing import Any, Literal
 import torch
 
 from sds3d import diffusion
-from sds3d.cameras import Cameras, concat_cameras
-from sds3d.devices import device_generator
+from sds3d.cameras import Cameras
 from sds3d.guidance.base import Prior
-from sds3d.ramp import Scheduled, value_at
-from sds3d.rules.base import Rule, RuleOutput
+from sds3d.ramp import Scheduled
+from sds3d.rules.base import Rule, RuleOutput, draw_timesteps, finish, gaussian_like, predict_guided
 
 
 @dataclass
@@ -43,7 +48,19 @@ class SDSRuleConfig:
     grad_clip: Scheduled | None = None  # Debiased SDS: clamp g to ±c(step_ratio)
     kind: Literal["sds", "literal", "csd"] = "sds"  # literal: through the denoiser; csd: classifier term only
 
-    def build(self) -> SDSRule:
+    def build(self) -> Rule:
+        return SDSRule(self)
+
+
+@dataclass
+class SJCRuleConfig(SDSRuleConfig):
+    weighting: diffusion.Weighting = "sjc"  # α_t/σ_t: the PAAS score, not a choice
+    paas_samples: int = 1  # draws of n averaged per step (the paper's k; 1 in its experiments)
+    kind: Literal["sjc"] = "sjc"  # type: ignore[assignment]
+
+    def build(self) -> Rule:
+        if self.paas_samples < 1:
+            raise ValueError(f"rule.paas_samples must be at least 1, not {self.paas_samples}")
         return SDSRule(self)
 
 
@@ -67,42 +84,30 @@ class SDSRule(Rule):
         x = prior.latents_from_render(rgb) if rgb_as_latents else prior.encode_images(rgb)
         b = x.shape[0]
         # 1. Timestep and noise.
-        bounds = diffusion.timestep_bounds(
-            c.t_schedule, step_ratio, c.t_min, c.t_max, c.t_max_end, c.t_drop_at
-        )
-        # On a GPU drawn there from a seed of the run's generator (no host copy, no sync); the run's
-        # generator itself on the CPU.
-        g = device_generator(generator, x.device)
-        t = diffusion.sample_timesteps(b, bounds, prior.num_train_timesteps, g, x.device)
-        noise = torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device).to(x)
-        abar_t = prior.alphas_cumprod[t]
+        t, g = draw_timesteps(c, prior, step_ratio, b, generator, x.device)
+        samples = c.paas_samples if isinstance(c, SJCRuleConfig) else 1
+        weight = diffusion.sds_weight(prior.alphas_cumprod[t], c.weighting)
         literal = c.kind == "literal"
-        # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1, except by CSD).
-        with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
-            x_t = diffusion.add_noise(x if literal else x.detach(), noise, t, prior.alphas_cumprod)
-            if c.guidance_scale == 1.0 and c.kind != "csd":
-                eps = prior.predict_noise(x_t, t, list(cond), cameras)
-            else:
-                both_cams = None if cameras is None else concat_cameras(cameras, cameras)
-                eps_both = prior.predict_noise(
-                    torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
+        grad = torch.zeros_like(x)
+        for _ in range(samples):  # SJC's PAAS average; one pass for the other rules
+            noise = gaussian_like(x, g)
+            # 2. ε̂ with CFG, conditional and unconditional in one batch (skipped when s = 1, except by CSD).
+            with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
+                x_t = diffusion.add_noise(x if literal else x.detach(), noise, t, prior.alphas_cumprod)
+                eps, eps_uncond, eps_cond = predict_guided(
+                    prior, x_t, t, cond, uncond, cameras, c.guidance_scale, always_both=c.kind == "csd"
                 )
-                eps_uncond, eps_cond = eps_both.chunk(2)
-                eps = diffusion.classifier_free_guidance(eps_uncond, eps_cond, c.guidance_scale)
-        # 3. w(t)(ε̂ − ε) (CSD: w(t)·s(ε_y − ε_∅)), guarded and clipped, injected as a gradient.
-        weight = diffusion.sds_weight(abar_t, c.weighting)
-        if c.kind == "csd":
-            grad = diffusion.sds_gradient(
-                c.guidance_scale * eps_cond.detach(), c.guidance_scale * eps_uncond, weight
-            )
-        else:
-            grad = diffusion.sds_gradient(eps.detach(), noise, weight)
-        grad = diffusion.nan_guard(grad)
-        if c.grad_clip is not None:
-            grad = diffusion.clip_gradient(grad, value_at(c.grad_clip, step_ratio))
+            # 3. w(t)(ε̂ − ε) (CSD: w(t)·s(ε_y − ε_∅)).
+            if c.kind == "csd":
+                assert eps_uncond is not None
+                grad = grad + diffusion.sds_gradient(
+                    c.guidance_scale * eps_cond.detach(), c.guidance_scale * eps_uncond, weight
+                )
+            else:
+                grad = grad + diffusion.sds_gradient(eps.detach(), noise, weight)
+        grad = grad / samples if samples > 1 else grad
+        # 4. Guarded, clipped and injected as a gradient (literal: back-propagated through the denoiser).
+        loss, grad_norm = finish(c, x, grad, step_ratio)
         if literal:
             loss = diffusion.literal_loss(eps, noise, weight) / b
-        else:
-            loss = diffusion.reparameterised_loss(x, grad) / b
-        grad_norm = grad.flatten(1).norm(dim=1).mean()
         return RuleOutput(losses={c.kind: loss}, grad_norm=grad_norm, timesteps=t, noise=noise)
