@@ -222,9 +222,10 @@ def test_csd_is_the_guidance_term_alone_a_constant_push_under_two_gaussians():
 
 
 @pytest.mark.parametrize("name", list(RULES))
-def test_every_rule_trains_the_builtin_and_a_tiny_sd_prior(name, tiny_sd_model, tmp_path):
-    """Each rule, by its own class, runs end to end on the built-in prior and on a tiny SD pipeline
-    (latents through a VAE), and is written to config.json under its own kind."""
+def test_every_rule_trains_every_kind_of_prior(name, tiny_sd_model, tmp_path):
+    """Each rule, by its own class, runs end to end on the built-in prior, the empirical and the
+    Gaussian priors and a tiny SD pipeline (latents through a VAE), and is written to config.json
+    under its own kind."""
     import json
 
     from conftest import tiny_diffusers_run
@@ -232,10 +233,18 @@ def test_every_rule_trains_the_builtin_and_a_tiny_sd_prior(name, tiny_sd_model, 
     from sds3d.rules import RULE_CONFIGS, with_rule
     from sds3d.train import build_rule, train
 
-    config = preset("fast")
-    config.camera.width = config.camera.height = 8
-    config.renderer.num_samples = 8
-    for i, run in enumerate([config, tiny_diffusers_run(tiny_sd_model, size=16, steps=2)]):
+    configs = []
+    for base in ("fast", "empirical", "gaussian"):
+        config = preset(base)
+        config.camera.width = config.camera.height = 8
+        config.renderer.num_samples = 8
+        if hasattr(config.guidance, "views"):
+            config.guidance.views.resolution = 8
+            config.guidance.views.views_per_object = 8
+            config.guidance.views.uncond_views_per_object = 2
+        configs.append(config)
+    configs.append(tiny_diffusers_run(tiny_sd_model, size=16, steps=2))
+    for i, run in enumerate(configs):
         run = dataclasses.replace(run, prompt="a red cube", steps=2, validate_every=0)
         run.rule = with_rule(run.rule, name)
         assert type(run.rule) is RULE_CONFIGS[name] and run.rule.kind == name
