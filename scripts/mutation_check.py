@@ -57,6 +57,9 @@ MUTATIONS = [
     ('rules/__init__.py', '"sjc": {"weighting": "sjc"}, ', '', 'tests/test_rules.py -k sjc'),
     ('diffusion.py', 'a.sqrt() * x0 + (1 - a).sqrt() * eps', 'a.sqrt() * x0 + (1 - a) * eps', 'tests/test_rules_analytic.py -k ism'),
     ('rules/inversion.py', 'eps_s = prior.predict_noise(x_s, s, list(uncond), cameras)', 'eps_s = prior.predict_noise(x_s, s, list(cond), cameras)', 'tests/test_rules_analytic.py -k ism'),
+    ('stages.py', 's.rule if s.rule is not None else rule', 'rule', 'tests/test_stages.py'),
+    ('train.py', 'scene.start_stage(stages[stage.index - 1].render, stage.render)', 'pass', 'tests/test_latent_prior.py -k skips_the_vae'),
+    ('stages.py', 'if s.render == "latent" and i > 0:', 'if False:', 'tests/test_stages.py -k one_line'),
 ]
 # fmt: on
 

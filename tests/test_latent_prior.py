@@ -132,7 +132,7 @@ def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
     independent computation from diffusers' pieces; a run trains, with a latent warm-up step."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.stages import StageConfig
 
     scale = 7.5
     guidance = _guidance(tiny_sdxl_model)
@@ -178,7 +178,7 @@ def test_sdxl_layout_matches_diffusers_own_pipeline(tiny_sdxl_model, tmp_path):
     assert ours.abs().sum() > 0 and torch.allclose(ours, expected, atol=1e-6, rtol=1e-4)
 
     config = dataclasses.replace(
-        tiny_diffusers_run(tiny_sdxl_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=1)
+        tiny_diffusers_run(tiny_sdxl_model, size=8, steps=2), stages=[StageConfig(steps=1, render="latent")]
     )
     run = train(config, tmp_path, progress=False)
     assert run.steps_done == 2 and run.final_losses["grad_norm"] > 0
@@ -290,12 +290,13 @@ def test_latent_heads_turn_into_rgb_heads_to_first_order():
     learned background, exactly, and a solid background renders rgb·P + q as latents."""
     from sds3d.config import RunConfig
     from sds3d.representations.encodings import HashGridConfig
-    from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+    from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
+    from sds3d.stages import StageConfig
     from sds3d.train import build_scene
 
     config = RunConfig(
         nerf=HashGridNeRFConfig(grid=HashGridConfig(num_levels=4, log2_table_size=10)),
-        background=BackgroundConfig(kind="learned"), latent_warmup=LatentWarmupConfig(steps=5),
+        background=BackgroundConfig(kind="learned"), stages=[StageConfig(steps=5, render="latent")],
     )  # fmt: skip
     scene = build_scene(config)
     for p in scene.parameters():  # away from the initial zeros, so that every row matters
@@ -333,23 +334,29 @@ def test_latent_warmup_skips_the_vae_then_trains_through_it_and_resumes(tiny_sd_
     import os
     import signal
 
-    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.stages import StageConfig
     from sds3d.train import load_scene
 
     config = dataclasses.replace(
         tiny_diffusers_run(tiny_sd_model, size=8, steps=4), validate_every=1, checkpoint_every=1,
-        latent_warmup=LatentWarmupConfig(steps=2),
+        stages=[StageConfig(steps=2, render="latent")],
     )  # fmt: skip
     guidance = config.guidance.build(config.camera)
     encoder_batches: list[int] = []
     guidance.vae.encoder.register_forward_hook(lambda m, args, out: encoder_batches.append(args[0].shape[0]))
     calls_after_step: list[int] = []
     grads: list[float] = []
+    heads: dict[int, torch.Tensor] = {}
 
     def watch(step, scene):
         calls_after_step.append(len(encoder_batches))
+        heads[step] = scene.nerf.mlp[2].weight.detach().clone()
+        if step == 2:  # the conversion the next stage's start must make
+            heads[-1] = 4 * scene.latent_to_rgb[:-1].T @ heads[2][4:]
 
     out = train(config, tmp_path / "a", progress=False, prior=guidance, on_step=watch)
+    # Stage 2 began with RGB rows written from the latent rows (then one Adam step, ≤ a few lr).
+    assert (heads[3][1:4] - heads[-1]).abs().max() < 5e-3 < (heads[2][1:4] - heads[-1]).abs().max()
     assert out.steps_done == 4 and out.final_losses["grad_norm"] > 0
     assert encoder_batches[0] == 4  # the maps' fit: 4 images of colour blocks
     assert calls_after_step == [1, 1, 2, 3]  # steps 1–2: no encoder; steps 3–4: one call each
@@ -370,11 +377,11 @@ def test_latent_warmup_skips_the_vae_then_trains_through_it_and_resumes(tiny_sd_
 
 
 def test_a_run_stopped_in_the_warmup_exports_in_colour(tiny_sd_model, tmp_path):
-    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.stages import StageConfig
     from sds3d.train import build_scene, load_scene
 
     config = dataclasses.replace(
-        tiny_diffusers_run(tiny_sd_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=2)
+        tiny_diffusers_run(tiny_sd_model, size=8, steps=2), stages=[StageConfig(steps=2, render="latent")]
     )
     train(config, tmp_path, progress=False)
     loaded_config, scene, step = load_scene(tmp_path)
@@ -393,10 +400,10 @@ def test_a_run_stopped_in_the_warmup_exports_in_colour(tiny_sd_model, tmp_path):
 def test_latent_warmup_needs_a_latent_model(tiny_if_model, tmp_path, capsys):
     from sds3d.cli import main
     from sds3d.errors import UserError
-    from sds3d.representations.nerf import LatentWarmupConfig
+    from sds3d.stages import StageConfig
 
     config = dataclasses.replace(
-        tiny_diffusers_run(tiny_if_model, size=8, steps=2), latent_warmup=LatentWarmupConfig(steps=1)
+        tiny_diffusers_run(tiny_if_model, size=8, steps=2), stages=[StageConfig(steps=1, render="latent")]
     )
     with pytest.raises(UserError, match="works in pixels"):
         train(config, tmp_path / "if", progress=False)

@@ -505,7 +505,7 @@ def test_a_vsd_run_resumes_exactly_with_its_particle_network(tmp_path):
     assert train(config, tmp_path / "b", progress=False, on_step=stop_at_2).steps_done == 2
     train(config, tmp_path / "b", resume=True, progress=False)
     a, b = (torch.load(tmp_path / x / "checkpoints" / "last.pt", weights_only=True) for x in "ab")
-    assert set(a["rule"]) == set(b["rule"]) and a["rule"]
-    assert all(torch.equal(a["rule"][k], b["rule"][k]) for k in a["rule"])
+    assert set(a["rules"]) == set(b["rules"]) and a["rules"]
+    assert all(torch.equal(a["rules"][k], b["rules"][k]) for k in a["rules"])
     assert all(torch.equal(a["scene"][k], b["scene"][k]) for k in a["scene"])
-    assert float(a["rule"]["particle.conv_out.weight"].abs().sum()) > 0
+    assert float(a["rules"]["0.particle.conv_out.weight"].abs().sum()) > 0

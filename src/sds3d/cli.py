@@ -120,6 +120,7 @@ def _resolve_config(args: argparse.Namespace):
     from sds3d.devices import check_device
     from sds3d.prompts import validate_prompt
     from sds3d.rules import with_rule
+    from sds3d.stages import StageConfig
 
     if args.config is not None and (args.resume or args.preset):
         raise UserError(f"--config cannot be combined with {'--resume' if args.resume else '--preset'}")
@@ -167,7 +168,9 @@ def _resolve_config(args: argparse.Namespace):
         if args.latent_warmup is not None:
             if args.latent_warmup < 0:
                 raise UserError(f"--latent-warmup must be 0 or more steps, not {args.latent_warmup}")
-            config.latent_warmup = dataclasses.replace(config.latent_warmup, steps=args.latent_warmup)
+            rest = [s for s in config.stages if s.render != "latent"]
+            warmup = [StageConfig(steps=args.latent_warmup, render="latent")] if args.latent_warmup else []
+            config.stages = warmup + rest
     if args.steps is not None:
         config.steps = args.steps
     if args.device is not None:

@@ -30,10 +30,11 @@ from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
-from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig, LatentWarmupConfig
+from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
 from sds3d.representations.nerf_scene import RegularizerConfig
 from sds3d.rules import RULE_CONFIGS, RuleConfig, SDSRuleConfig
 from sds3d.runs import write_atomic
+from sds3d.stages import StageConfig, check_stages
 
 GuidanceConfig = Union[EmpiricalPriorGuidanceConfig, GaussianPriorGuidanceConfig, DiffusersGuidanceConfig]
 GUIDANCE_KINDS: dict[str, type] = {
@@ -66,10 +67,10 @@ class RunConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     nerf: HashGridNeRFConfig = field(default_factory=HashGridNeRFConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
-    latent_warmup: LatentWarmupConfig = field(default_factory=LatentWarmupConfig)
     renderer: VolumeRendererConfig = field(default_factory=VolumeRendererConfig)
     guidance: GuidanceConfig = field(default_factory=EmpiricalPriorGuidanceConfig)
     rule: RuleConfig = field(default_factory=SDSRuleConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # stages.py: run before the last, RGB, stage
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -256,7 +257,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, not {_show(value)}")
-        return value
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, not {_show(value)}")
@@ -283,7 +285,8 @@ def _show(value: Any) -> str:
 
 def upgrade(data: Any) -> Any:
     """A config.json of an earlier sds3d in today's form: before the Rule seam the SDS settings
-    were `guidance.sds` with `mode` "sds"/"literal"; they are `rule` with that `kind` now."""
+    were `guidance.sds` with `mode` "sds"/"literal"; they are `rule` with that `kind` now. Before
+    stages (stages.py) the latent warm-up was `latent_warmup`; it is a first stage now."""
     if isinstance(data, dict) and isinstance(data.get("guidance"), dict) and "sds" in data["guidance"]:
         data = {**data, "guidance": dict(data["guidance"])}
         sds = data["guidance"].pop("sds")
@@ -291,6 +294,16 @@ def upgrade(data: Any) -> Any:
             sds = dict(sds)
             sds["kind"] = sds.pop("mode", "sds")
             data["rule"] = sds
+    if isinstance(data, dict) and isinstance(data.get("latent_warmup"), dict) and "stages" not in data:
+        # Before stages the latent warm-up was a flag: {"steps": N, "channels": C}; it is a first stage now.
+        data = dict(data)
+        warmup = data.pop("latent_warmup")
+        steps = warmup.get("steps", 0)
+        data["stages"] = (
+            [{"steps": steps, "render": "latent", "latent_channels": warmup.get("channels", 4)}]
+            if steps
+            else []
+        )
     return data
 
 
@@ -305,6 +318,8 @@ def check_config(config: RunConfig, where: str = "config") -> RunConfig:
         )
     if not 0 <= config.seed <= MAX_SEED:
         raise ConfigError(f"{where}.seed must be in 0…2^64−1, not {config.seed}")
+    if problems := check_stages(config.stages, config.steps, f"{where}.stages"):
+        raise ConfigError(problems[0])
     return config
 
 

@@ -6,9 +6,10 @@ One step (numbered as in the loop below):
 3. look up the texts for these views (prompts.py) and take the rule's losses (rules/) from the
    frozen prior (guidance/);
 4. add the representation's regularisers (losses.py) and take an Adam step.
-With a latent warm-up (`config.latent_warmup`, Latent-NeRF) the first steps render latents,
-unshaded, straight into the U-Net; at its end the scene's RGB heads are written from its latent
-heads (step 0 of the loop) and training goes on in RGB through the VAE.
+A run is a list of stages (stages.py), each with its rule; step 0 of the loop starts a new stage
+when one begins. With a latent warm-up (a first stage that renders latents, Latent-NeRF) the first
+steps render latents, unshaded, straight into the U-Net; when it ends the scene's RGB heads are
+written from its latent heads and training goes on in RGB through the VAE.
 
 Determinism: all randomness of a step comes from one `torch.Generator` seeded by `config.seed`;
 its state is saved with every checkpoint, so a run resumed from a checkpoint continues exactly as
@@ -20,12 +21,14 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from sds3d import runs
@@ -38,7 +41,9 @@ from sds3d.prompts import PromptProcessor
 from sds3d.render.volume import choose_shading, sample_lights
 from sds3d.representations.base import Representation
 from sds3d.representations.nerf_scene import NeRFScene
+from sds3d.rules import RuleConfig
 from sds3d.rules.base import Rule
+from sds3d.stages import latent_stage, plan_stages, stage_at
 
 CHECKPOINT = runs.CHECKPOINT
 # Validation views: front, side, back and overhead, as labelled by view-dependent prompting.
@@ -51,8 +56,9 @@ class DivergedError(UserError):
 
 def is_latent(config: RunConfig, steps_done: int) -> bool:
     """Whether the scene after `steps_done` steps still renders latents: the warm-up's heads are
-    converted at the start of step `latent_warmup.steps`, so a checkpoint of that step is latent."""
-    return steps_done <= config.latent_warmup.steps and config.latent_warmup.steps > 0
+    converted when the next stage starts, so a checkpoint of the warm-up's last step is latent."""
+    warmup = latent_stage(config.stages)
+    return warmup is not None and steps_done <= warmup.steps
 
 
 @dataclass
@@ -67,8 +73,8 @@ class TrainOutput:
 
 def build_scene(config: RunConfig) -> NeRFScene:
     torch.manual_seed(config.seed)  # parameter initialisation
-    warmup = config.latent_warmup
-    channels = warmup.channels if warmup.steps > 0 else 0
+    warmup = latent_stage(config.stages)
+    channels = 0 if warmup is None else warmup.latent_channels
     scene = NeRFScene(config.nerf, config.background, config.renderer, config.regularizers, channels)
     return scene.to(config.device)
 
@@ -77,16 +83,17 @@ def build_prior(config: RunConfig) -> Prior:
     return config.guidance.build(config.camera).to(config.device)
 
 
-def build_rule(config: RunConfig) -> Rule:
-    return config.rule.build().to(config.device)
+def build_rule(config: RunConfig, rule: RuleConfig | None = None) -> Rule:
+    """The run's rule, or a stage's `rule`."""
+    return (rule or config.rule).build().to(config.device)
 
 
 def build_optimizer(
-    config: RunConfig, scene: Representation, rule: Rule | None = None
+    config: RunConfig, scene: Representation, rules: Sequence[Rule] = ()
 ) -> torch.optim.Optimizer:
-    """Adam over the scene's parameter groups and the rule's own (VSD's particle score)."""
+    """Adam over the scene's parameter groups and the rules' own (VSD's particle score)."""
     o = config.optim
-    groups = scene.param_groups(o) + ([] if rule is None else rule.param_groups())
+    groups = scene.param_groups(o) + [g for rule in rules for g in rule.param_groups()]
     return torch.optim.Adam(
         groups, betas=o.betas, eps=o.eps,
         fused=config.device.startswith("cuda"),  # one kernel for the whole update
@@ -114,16 +121,12 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, NeRFScene
 
 
 def save_checkpoint(
-    run_dir: Path,
-    scene: NeRFScene,
-    rule: Rule,
-    optimizer: torch.optim.Optimizer,
-    step: int,
+    run_dir: Path, scene: NeRFScene, rules: nn.ModuleList, optimizer: torch.optim.Optimizer, step: int,
     rng_state: torch.Tensor,
-) -> None:
+) -> None:  # fmt: skip
     state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}
-    if rule_state := rule.state_dict():  # a rule's own parameters (VSD), resumed with the scene
-        state["rule"] = rule_state
+    if rule_state := rules.state_dict():  # the stages' rules' own parameters (VSD), resumed with the scene
+        state["rules"] = rule_state
     runs.save_checkpoint(run_dir, state)
 
 
@@ -131,7 +134,7 @@ def resume_from_checkpoint(
     config: RunConfig,
     run_dir: Path,
     scene: NeRFScene,
-    rule: Rule,
+    rules: nn.ModuleList,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> int:
@@ -142,14 +145,14 @@ def resume_from_checkpoint(
     state = runs.load_checkpoint(run_dir, map_location=config.device).state
     where = f"the checkpoint in {run_dir / 'checkpoints'}"
     runs.load_state(scene, state["scene"], where)
-    if rule.state_dict() or "rule" in state:
-        runs.load_state(rule, state.get("rule", {}), where)
+    if rules.state_dict() or "rules" in state:
+        runs.load_state(rules, state.get("rules", {}), where)
     runs.load_state(optimizer, state["optimizer"], where)
     try:
         generator.set_state(state["rng"])
     except RuntimeError as err:
         raise UserError(f"{where} has an unusable generator state ({err})") from None
-    wanted = build_optimizer(config, scene, rule).param_groups
+    wanted = build_optimizer(config, scene, [cast(Rule, r) for r in rules]).param_groups
     for group, new in zip(optimizer.param_groups, wanted, strict=True):
         for key in ("lr", "betas", "eps"):
             if _plain(group[key]) != _plain(new[key]):
@@ -247,23 +250,26 @@ def _train(
     # The prior next: a missing model or an unknown prompt fails before anything is written or removed.
     owned = prior is None
     prior = build_prior(config) if prior is None else prior
-    rule = build_rule(config)
+    stages = plan_stages(config.stages, config.steps, config.rule)
+    stage_rules = [build_rule(config, stage.rule) for stage in stages]
+    rules = nn.ModuleList(stage_rules)  # one state dict for the checkpoint
     prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
-    rule.prepare(prior, prompts)  # its own texts (NFSD, Perp-Neg) and parameters (VSD)
+    for rule in stage_rules:
+        rule.prepare(prior, prompts)  # its own texts (NFSD, Perp-Neg) and parameters (VSD)
     prompts.precompute()  # every text once; then our own prior's text encoder goes (large for SD and IF)
     release = getattr(prior, "release_text_encoder", None)
     if owned and callable(release):
         release()
-    warmup = config.latent_warmup
-    latent_maps = _latent_maps(prior, warmup.channels) if warmup.steps > 0 else None
+    warmup = latent_stage(config.stages)
+    latent_maps = None if warmup is None else _latent_maps(prior, warmup.latent_channels)
     scene = build_scene(config)
-    optimizer = build_optimizer(config, scene, rule)
+    optimizer = build_optimizer(config, scene, stage_rules)
     generator = torch.Generator().manual_seed(config.seed)
     if latent_maps is not None:  # fitted afresh each time; a resumed run keeps its checkpoint's maps
         scene.set_latent_maps(*latent_maps)
     start = 0
     if resume:
-        start = resume_from_checkpoint(config, run_dir, scene, rule, optimizer, generator)
+        start = resume_from_checkpoint(config, run_dir, scene, rules, optimizer, generator)
         if start > config.steps:
             raise UserError(
                 f"{run_dir} is already at step {start}; pass --steps {start} or more to resume it"
@@ -288,10 +294,11 @@ def _train(
             step_ratio = step / config.steps
             if not cpu:  # a new step for CUDA-graph replays (torch.compile mode="reduce-overhead")
                 torch.compiler.cudagraph_mark_step_begin()
-            # 0. The latent warm-up renders latents until its last step; then the heads turn RGB.
-            if step == warmup.steps > 0:
-                scene.latents_to_rgb_()
-            latent = step < warmup.steps
+            # 0. The stage of this step; the representation is told when a new one begins.
+            stage = stage_at(stages, step)
+            if step == stage.start and stage.index > 0:
+                scene.start_stage(stages[stage.index - 1].render, stage.render)
+            latent, rule = stage.render == "latent", stage_rules[stage.index]
             # 1. Cameras, shading and light (latents are rendered unshaded).
             cameras = sample_cameras(config.camera, generator)
             shading = "albedo" if latent else choose_shading(config.renderer, generator)
@@ -310,6 +317,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scene.post_step(step_ratio)
             last = {k: v.detach() for k, v in terms.items()} | {
                 "loss": loss.detach(),
                 "grad_norm": g.grad_norm.detach(),
@@ -334,7 +342,7 @@ def _train(
                     pending = (host, ready, done)
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(run_dir, scene, rule, optimizer, done, generator.get_state())
+                save_checkpoint(run_dir, scene, rules, optimizer, done, generator.get_state())
             if config.validate_every > 0 and (done % config.validate_every == 0 or done == config.steps):
                 save_validation(config, scene, run_dir / "validation" / f"step_{done:06d}.png",
                                 latent=is_latent(config, done))  # fmt: skip
@@ -346,7 +354,7 @@ def _train(
     bar.close()
     interrupted = step < config.steps
     if interrupted:
-        save_checkpoint(run_dir, scene, rule, optimizer, step, generator.get_state())
+        save_checkpoint(run_dir, scene, rules, optimizer, step, generator.get_state())
     wall = time.perf_counter() - t0
     return TrainOutput(
         run_dir=run_dir, steps_done=step, wall_s=wall, it_per_s=(step - start) / max(wall, 1e-9),

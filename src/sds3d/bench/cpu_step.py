@@ -31,7 +31,7 @@ def time_step_phases(steps: int, warmup: int) -> dict[str, float]:
     scene, prior, rule = build_scene(config), build_prior(config), build_rule(config)
     prompts = PromptProcessor(config.prompt, config.prompts, prior.encode_prompt)
     rule.prepare(prior, prompts)
-    optimizer = build_optimizer(config, scene, rule)
+    optimizer = build_optimizer(config, scene, [rule])
     generator = torch.Generator().manual_seed(0)
     from sds3d.cameras import sample_cameras
 

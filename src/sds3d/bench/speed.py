@@ -41,7 +41,7 @@ from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import RunConfig, preset
 from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR, DiffusersGuidance, DiffusersGuidanceConfig
 from sds3d.prompts import PromptProcessor
-from sds3d.representations.nerf import LatentWarmupConfig
+from sds3d.stages import StageConfig
 
 PROMPT = "a blue torus"
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -207,7 +207,8 @@ def run_config(
     )
     return dataclasses.replace(
         config, device=device, guidance=guidance, nerf=nerf, validate_every=0, checkpoint_every=10**9,
-        latent_warmup=LatentWarmupConfig(steps=latent_steps), rule=with_rule(config.rule, rule),
+        stages=[StageConfig(steps=latent_steps, render="latent")] if latent_steps else [],
+        rule=with_rule(config.rule, rule),
     )  # fmt: skip
 
 

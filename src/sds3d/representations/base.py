@@ -2,8 +2,10 @@
 
 A representation renders a batch of cameras (`render`, and `render_train` inside the loop: a
 `RenderOutput` whose `rgb` is [B, C, H, W]), names its optimiser groups (`param_groups`) and its own regularisers
-(`regularizers`, named losses at a training progress), and becomes a mesh (`to_mesh`). The training
-loop (train.py) knows nothing else about it; `representations/nerf_scene.py` is the hash-grid NeRF
+(`regularizers`, named losses at a training progress), and becomes a mesh (`to_mesh`). Two hooks
+let it change during a run: `start_stage` when a stage (stages.py) begins that renders differently
+(latents → RGB), and `post_step` after each optimiser step (densification and pruning, for
+representations that need it). The training loop (train.py) knows nothing else about it; `representations/nerf_scene.py` is the hash-grid NeRF
 with its background and volume renderer.
 """
 
@@ -47,3 +49,11 @@ class Representation(nn.Module):
 
     def to_mesh(self, config: ExportConfig) -> MeshOutput:
         raise NotImplementedError
+
+    def start_stage(self, previous_render: str, render: str) -> None:
+        """A stage that renders `render` begins after one that rendered `previous_render`."""
+        if previous_render != render:
+            raise ValueError(f"{type(self).__name__} cannot go from rendering {previous_render} to {render}")
+
+    def post_step(self, step_ratio: float) -> None:
+        """After each optimiser step; nothing by default."""

@@ -13,7 +13,7 @@
   `analytic` need first-order autograd only, so the whole field query can be compiled.
 - Background: `BackgroundConfig`: solid colour, a random solid colour per image, or a small MLP of
   the view direction (learned).
-- Latent warm-up (`LatentWarmupConfig`; Latent-NeRF, Metzer et al. 2023; threestudio's
+- Latent warm-up (a first stage with `render="latent"`, stages.py; Latent-NeRF, Metzer et al. 2023; threestudio's
   `rgb_as_latents`): NeRF and background get a second colour head of C unbounded channels that a
   latent diffusion model reads as its latents; `latent=True` renders it instead of the albedo.
   `latent_head_to_rgb_` then writes the RGB head from it with an affine latent→RGB map.
@@ -50,18 +50,6 @@ class HashGridNeRFConfig:
         if self.compile and self.normal_type == "analytic":
             raise ValueError("a compiled NeRF needs normals without a second backward, not 'analytic'")
         return HashGridNeRF(self, latent_channels)
-
-
-@dataclass
-class LatentWarmupConfig:
-    """Latent-NeRF as a warm-up (threestudio's `rgb_as_latents`): for the first `steps` training
-    steps NeRF and background render `channels` latent channels, which go to the U-Net as they are,
-    resized to its latent size (no VAE encoder: the step skips its most expensive part); then their
-    RGB heads are written from the latent heads with an affine latent→RGB map fitted to the model's
-    VAE, and training goes on through the VAE. Latent models (with a VAE) only; 0 steps: off."""
-
-    steps: int = 0
-    channels: int = 4  # the U-Net's latent channels (4 for Stable Diffusion)
 
 
 @dataclass

@@ -127,6 +127,12 @@ class NeRFScene(Representation):
         self.latent_to_rgb.copy_(to_rgb)
         self.background.rgb_to_latent.copy_(to_latent)
 
+    def start_stage(self, previous_render: str, render: str) -> None:
+        if (previous_render, render) == ("latent", "rgb"):
+            self.latents_to_rgb_()
+        else:
+            super().start_stage(previous_render, render)
+
     def latents_to_rgb_(self) -> None:
         """End of the latent warm-up: NeRF and background RGB heads from their latent heads."""
         self.nerf.latent_head_to_rgb_(self.latent_to_rgb)
