@@ -41,7 +41,11 @@ class RuleOutput:
 
 
 class Rule(nn.Module):
-    """Base class of rules: `forward` is the rule."""
+    """Base class of rules: `forward` is the rule; `config` its settings."""
+
+    def __init__(self, config: Any = None):
+        super().__init__()
+        self.config = config
 
     def prepare(self, prior: Prior, prompts: PromptProcessor) -> None:
         """Encode the texts this rule needs beyond the run's (cond, uncond), and build what depends on

@@ -62,9 +62,10 @@ class NFSDRuleConfig(SDSRuleConfig):
 
 
 class NFSDRule(Rule):
+    config: NFSDRuleConfig
+
     def __init__(self, config: NFSDRuleConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.negative: Any = None  # the negative prompt's embedding; None: ε_neg = ε_∅
 
     def prepare(self, prior: Prior, prompts: PromptProcessor) -> None:
@@ -131,9 +132,10 @@ def perpendicular_component(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class PerpNegRule(Rule):
+    config: PerpNegRuleConfig
+
     def __init__(self, config: PerpNegRuleConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.views: dict[str, Any] = {}  # view label → embedding of "prompt, <label> view"
         self.thresholds: tuple[float, float, float] = (60.0, 45.0, 135.0)
 

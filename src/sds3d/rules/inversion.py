@@ -89,9 +89,7 @@ class ISMRuleConfig(SDSRuleConfig):
 
 
 class ISMRule(Rule):
-    def __init__(self, config: ISMRuleConfig):
-        super().__init__()
-        self.config = config
+    config: ISMRuleConfig
 
     def forward(
         self,
@@ -133,9 +131,7 @@ class SDIRuleConfig(SDSRuleConfig):
 
 
 class SDIRule(Rule):
-    def __init__(self, config: SDIRuleConfig):
-        super().__init__()
-        self.config = config
+    config: SDIRuleConfig
 
     def forward(
         self,

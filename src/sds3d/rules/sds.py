@@ -65,9 +65,7 @@ class SJCRuleConfig(SDSRuleConfig):
 
 
 class SDSRule(Rule):
-    def __init__(self, config: SDSRuleConfig):
-        super().__init__()
-        self.config = config
+    config: SDSRuleConfig
 
     def forward(
         self,

@@ -105,14 +105,16 @@ def camera_vectors(cameras: Cameras | None, batch: int, device: torch.device) ->
     """[B, 5] camera inputs of h_φ; zeros (no camera) when there are no cameras."""
     if cameras is None:
         return torch.zeros(batch, CAMERA_DIM, device=device)
-    el, az = torch.deg2rad(cameras.elevation_deg.float()), torch.deg2rad(cameras.azimuth_deg.float())
-    return torch.stack([az.sin(), az.cos(), el.sin(), el.cos(), torch.ones_like(el)], dim=-1).to(device)
+    from sds3d.prior.model import camera_condition  # the built-in prior's camera input, the same vector
+
+    return camera_condition(cameras.elevation_deg, cameras.azimuth_deg).to(device)
 
 
 class VSDRule(Rule):
+    config: VSDRuleConfig
+
     def __init__(self, config: VSDRuleConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         # Replaced in tests by the exact score of a known particle distribution.
         self.particle: nn.Module | None = None
 
