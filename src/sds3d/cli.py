@@ -105,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
     pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
     pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
+    pt.add_argument("--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)")
     b = sub.add_parser(
         "bench", help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor)"
     )
     b.add_argument("benchmark", choices=list(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
+    st = sub.add_parser("study", help="a grid of settings x seeds x prompts scored against the ground truth",
+                        add_help=False)  # fmt: skip
+    st.add_argument("study_args", nargs=argparse.REMAINDER, help="SPEC [options] (sds3d study --help)")
     pt.add_argument("--compile", action="store_true", help="torch.compile the U-Net and text encoder (GPU)")
     pt.add_argument("--no-progress", action="store_true")
     return parser
@@ -269,6 +273,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
         raise UserError(f"--init {args.init} is not a diffusers folder of the prior (no unet/)")
     if (args.out / "checkpoint.pt").exists() and not args.resume:
         raise UserError(f"{args.out} already has a checkpoint; pass --resume to continue it")
+    try:
+        snapshots = tuple(int(s) for s in args.snapshots.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--snapshots takes comma-separated step counts, not {args.snapshots!r}") from None
     summary = train_prior(
         config,
         args.out,
@@ -278,6 +286,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
         not args.no_progress,
         args.compile,
         args.init,
+        snapshots,
     )
     print(f"sds3d: prior at step {summary['steps']}/{config.steps}; pipeline in {args.out / 'pipeline'}")
     return 0
@@ -293,6 +302,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHMARKS[args.benchmark]).main(args.bench_args) or 0)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from sds3d.bench import study
+
+    return study.main(args.study_args)
+
+
 def _quote(text: str) -> str:
     import shlex
 
@@ -301,7 +316,7 @@ def _quote(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets, "rules": cmd_rules,
-                "prior": cmd_prior, "bench": cmd_bench}  # fmt: skip
+                "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

@@ -49,13 +49,15 @@ class PriorTrainConfig:
 
 def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume: bool = False,
                 max_minutes: float | None = None, progress: bool = True, compile: bool = False,
-                init: Path | None = None) -> dict:  # fmt: skip
+                init: Path | None = None, snapshots: tuple[int, ...] = ()) -> dict:  # fmt: skip
     """Train (or continue) the prior; returns a summary dict also written to `out/train_log.json`.
 
     `compile` wraps the U-Net and text encoder in `torch.compile` for the forward and backward (the
     4 M-parameter model is launch-bound on a GPU); checkpoints hold the uncompiled modules' weights.
     `init` starts a new run from the weights of a diffusers folder of this architecture (fine-tuning,
     e.g. of the shipped prior); the optimiser starts fresh and the step count at 0.
+    `snapshots`: also write the diffusers folder as `out/pipeline-step<N>` when step N is reached
+    (the prior at several points of its training, for `sds3d study`'s prior axis).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,9 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
         if step % config.checkpoint_every == 0:
             checkpoint()
+        if step in snapshots:
+            save_pipeline(out / f"pipeline-step{step}", tokenizer, copy.deepcopy(ema_text).float(),
+                          copy.deepcopy(ema_unet).float())  # fmt: skip
     bar.close()
     checkpoint()
     summary = {"steps": step, "seconds_this_run": round(time.perf_counter() - start_time, 1),
