@@ -1,0 +1,205 @@
+"""`sds3d study` (bench/study.py): specs, settings → configs, cells shared and resumed, the
+statistics of the report, and one line + exit 2 for every bad spec."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sds3d.bench import study
+from sds3d.cli import main
+from sds3d.config import preset
+from sds3d.errors import UserError
+
+
+def _spec(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+SMALL = """
+name = "small"
+seeds = 2
+prompts = ["a red cube", "a blue torus"]
+[base]
+steps = 2
+"export.grid_resolution" = 24
+"export.iso_candidates" = 4
+[axes]
+cfg = [20.0, 7.5]
+"""
+
+
+# --- specs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("name = 'x'\n[axes]\nweighting = ['nope']\n", "rule.weighting"),
+        ("name = 'x'\n[axes]\ncfg = ['high']\n", "guidance_scale"),
+        ("name = 'x'\n[axes]\nshading = ['glossy']\n", "unknown shading 'glossy'"),
+        ("name = 'x'\n[axes]\nrule = ['magic']\n", "unknown rule 'magic'"),
+        ("name = 'x'\n[axes]\n'renderer.nope' = [1]\n", "no 'nope'"),
+        ("name = 'x'\n[axes]\ncfg = []\n", "non-empty list"),
+        ("name = 'x'\nprompts = ['a teapot']\n", "not world prompts"),
+        ("name = 'x'\nprompts = 'some'\n", "one of study, quick, all"),
+        ("name = 'x'\nseeds = 'three'\n", "seeds"),
+        ("name = 'x'\nsteps = 3\n", "unknown setting(s) steps"),
+        ("name = '../x'\n", "`name` must be letters"),
+        ("name = 'x'\n[axes\n", "not valid TOML"),
+    ],
+)
+def test_bad_specs_are_one_line(tmp_path, text, words):
+    with pytest.raises(UserError, match=None) as err:
+        study.load_spec(_spec(tmp_path, text))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_spec_exits_2_and_runs_nothing(tmp_path, capsys):
+    path = _spec(tmp_path, "{ not json", "s.json")
+    assert main(["study", str(path), "--dir", str(tmp_path / "cells")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "missing.toml")]) == 2
+    assert not (tmp_path / "cells").exists()
+
+
+def test_named_prompt_sets_and_seed_count(tmp_path):
+    spec = study.load_spec(_spec(tmp_path, "name = 'x'\nseeds = 4\nprompts = 'study'\n"))
+    assert spec.seeds == [0, 1, 2, 3]
+    assert len(spec.prompts) == 10 and sum(p in study.HELD_OUT for p in spec.prompts) == 5
+    shapes = sorted(study.parse_prompt(p).shape for p in spec.prompts)  # type: ignore[union-attr]
+    assert shapes == sorted(["cone", "cube", "cylinder", "sphere", "torus"] * 2)
+    assert len(study.load_spec(_spec(tmp_path, "name = 'x'\nprompts = 'all'\n")).prompts) == 30
+
+
+# --- settings → configs ---------------------------------------------------------------------------
+def test_each_axis_sets_its_field():
+    base = preset("default")
+    assert study.apply_setting(base, "weighting", "uniform").rule.weighting == "uniform"
+    assert study.apply_setting(base, "t_schedule", "dreamtime").rule.t_schedule == "dreamtime"
+    assert study.apply_setting(base, "cfg", 7.5).rule.guidance_scale == 7.5
+    assert study.apply_setting(base, "steps", 123).steps == 123
+    assert study.apply_setting(base, "prior", "runs/p").guidance.model == "runs/p"  # type: ignore[union-attr]
+    assert study.apply_setting(base, "rule.t_max_end", 0.5).rule.t_max_end == 0.5
+    lit = study.apply_setting(base, "shading", "lambertian").renderer
+    assert (lit.albedo_prob, lit.textureless_prob, lit.light_jitter) == (0.0, 0.0, 0.0)
+    mix = study.apply_setting(base, "shading", "textureless-mix").renderer
+    assert (mix.albedo_prob, mix.textureless_prob, mix.light_jitter) == (0.2, 0.5, 1.0)
+    ism = study.apply_setting(base, "rule", "ism").rule
+    assert ism.kind == "ism" and ism.guidance_scale == base.rule.guidance_scale
+    # the base is not changed in place
+    assert base.rule.weighting == "dreamfusion" and base.renderer.albedo_prob == 1.0
+
+
+def test_one_axis_at_a_time_and_cross(tmp_path):
+    one = study.load_spec(_spec(tmp_path, "name='x'\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n"))
+    pts = study.points(one)
+    assert [p for p, _ in pts] == [(), (("cfg", 5.0),), (("cfg", 20.0),), (("weighting", "seed"),),
+                                   (("weighting", "uniform"),)]  # fmt: skip
+    assert pts[1][1].rule.guidance_scale == 5.0 and pts[1][1].rule.weighting == "dreamfusion"
+    cross = study.load_spec(_spec(tmp_path, "name='x'\ncross=true\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n"))
+    pts = study.points(cross)
+    assert len(pts) == 4  # 2 × 2 (the base is a cell of the cross when its values are on the axes)
+    assert {(c.rule.guidance_scale, c.rule.weighting) for _, c in pts} == {
+        (5.0, "seed"), (5.0, "uniform"), (20.0, "seed"), (20.0, "uniform")}  # fmt: skip
+
+
+def test_cells_share_settings_and_go_seed_by_seed(tmp_path):
+    spec = study.load_spec(_spec(tmp_path, SMALL))
+    cells = study.cells(spec, "cpu")
+    assert len(cells) == 3 * 2 * 2  # (base, 20, 7.5) × 2 seeds × 2 prompts
+    # s = 20 is the preset's own: the same cells as the base; 7.5 is not
+    keys = {c.point: {x.key for x in cells if x.point == c.point} for c in cells}
+    assert keys[()] == keys[(("cfg", 20.0),)] and keys[()].isdisjoint(keys[(("cfg", 7.5),)])
+    assert [c.seed for c in cells] == [0] * 6 + [1] * 6
+    config = json.loads(cells[-1].config_json)
+    assert (config["seed"], config["steps"], config["export"]["grid_resolution"]) == (1, 2, 24)
+    # where a cell runs is not part of what it is
+    assert [c.key for c in study.cells(spec, "cuda")] == [c.key for c in cells]
+
+
+# --- statistics -----------------------------------------------------------------------------------
+def _row(seed, prompt, shape_ok, iou, true_shape="cube"):
+    return {"seed": seed, "prompt": prompt, "shape_ok": shape_ok, "color_ok": True, "iou": iou, "psnr": 20.0,
+            "true_shape": true_shape, "seconds": 1.0, "device": "cpu"}  # fmt: skip
+
+
+def test_mean_and_spread_are_over_seeds_of_prompt_means():
+    rows = [_row(0, "a", True, 0.4), _row(0, "b", False, 0.6, "torus"),  # seed 0: IoU 0.5, shape 50%
+            _row(1, "a", True, 0.8), _row(1, "b", True, 0.6, "torus")]  # seed 1: IoU 0.7, shape 100%  # fmt: skip
+    s = study.summarise_point(rows, [0, 1])
+    assert s["iou"] == pytest.approx(0.6) and s["iou_sd"] == pytest.approx(math.sqrt(0.02), abs=1e-4)
+    assert s["shape_accuracy"] == pytest.approx(0.75) and s["shape_accuracy_sd"] == pytest.approx(0.3536, abs=1e-4)
+    assert s["shape_failures"] == {"cube": "0/2", "torus": "1/2"}
+    assert study.summarise_point(rows[:2], [0, 1])["iou_sd"] is None  # one seed: no spread
+
+
+def test_conclusions_call_a_difference_only_beyond_the_spread():
+    a = {"iou": 0.80, "iou_sd": 0.01, "shape_accuracy": 1.0}
+    b = {"iou": 0.70, "iou_sd": 0.02, "shape_accuracy": 0.9}
+    clear = study.conclusions("cfg", [(5, b), (20, a)])
+    assert "cfg = 20" in clear[0] and "more than twice" in clear[0] and "≥ 95%: 20;" in clear[1]
+    close = study.conclusions("cfg", [(5, {**b, "iou_sd": 0.06}), (20, a)])
+    assert "not a clear difference" in close[0]
+
+
+def test_prior_accuracy_pools_seen_and_held_out(tmp_path):
+    path = tmp_path / "pa.json"
+    path.write_text(json.dumps({"rows": [{"samples": 100, "shape_accuracy": 0.9},
+                                         {"samples": 20, "shape_accuracy": 0.6}]}))  # fmt: skip
+    assert study.prior_accuracy_of(str(path)) == pytest.approx(0.85)
+    assert study.prior_accuracy_of(str(tmp_path / "none.json")) is None
+
+
+# --- running --------------------------------------------------------------------------------------
+def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, SMALL.replace("seeds = 2", "seeds = 1"))
+    cells_dir, out = tmp_path / "cells", tmp_path / "out"
+    seen: list[tuple[float, int, str]] = []
+    real_call = study.CellRunner.__call__
+
+    def counting(self, cell):
+        config = json.loads(cell.config_json)
+        seen.append((config["rule"]["guidance_scale"], config["seed"], config["prompt"]))
+        return real_call(self, cell)
+
+    monkeypatch.setattr(study.CellRunner, "__call__", counting)
+    argv = ["study", str(spec), "--dir", str(cells_dir), "--out", str(out)]
+    assert main([*argv, "--limit", "1"]) == 0  # stopped after one cell …
+    assert len(seen) == 1 and len(list((cells_dir / "cells").glob("*.json"))) == 1
+    assert main(argv) == 0  # … resumed: the other three, not the first again
+    assert len(seen) == 4 and len(set(seen)) == 4
+    assert {s for s, _, _ in seen} == {20.0, 7.5}
+    report = json.loads((out / "study_small.json").read_text())
+    assert report["cells_done"] == report["cells_total"] == 4
+    assert report["points"]["cfg=7.5"]["cells"] == 2 and report["points"]["cfg=20.0"]["cells"] == 2
+    cell = report["cells"][0]
+    assert {"shape", "iou", "psnr", "seconds", "train_seconds"} <= set(cell) and 0.0 <= cell["iou"] <= 1.0
+    md = (out / "study_small.md").read_text()
+    assert "| 7.5 | 2 |" in md and "What the numbers show" in md
+    assert (out / "study_small_cfg.png").stat().st_size > 1000
+    assert main(argv) == 0 and len(seen) == 4  # nothing left to run
+    # a failed cell (its file says so) runs again
+    path = next((cells_dir / "cells").glob("*.json"))
+    path.write_text(json.dumps({"key": path.stem, "error": "RuntimeError: boom"}))
+    assert main(argv) == 0 and len(seen) == 5
+
+
+def test_a_study_folder_in_use_is_one_line(tmp_path, capsys):
+    import fcntl
+    import os
+
+    from sds3d import runs
+
+    spec = _spec(tmp_path, SMALL)
+    (tmp_path / "cells").mkdir()
+    fd = os.open(tmp_path / "cells" / runs.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another process holding it would
+    try:
+        code = main(["study", str(spec), "--dir", str(tmp_path / "cells"), "--report"])
+    finally:
+        os.close(fd)
+    assert code == 2 and "in use by another sds3d process" in capsys.readouterr().err
