@@ -60,23 +60,23 @@ VARIANTS: dict[str, Callable[[RunConfig], RunConfig]] = {
 
 
 @torch.no_grad()
-def render_psnr(run_dir: Path, obj: WorldObject) -> float:
+def render_psnr(run_dir: Path, obj: WorldObject, device: str = "cpu") -> float:
     """PSNR (dB) of the trained scene's albedo renders on white against the ground truth's."""
     from sds3d.cameras import turntable_cameras
     from sds3d.train import load_scene
     from sds3d.world.metrics import psnr
     from sds3d.world.render import render_object
 
-    config, scene, _ = load_scene(run_dir)
+    config, scene, _ = load_scene(run_dir, device)
     cams = turntable_cameras(PSNR_VIEWS, PSNR_ELEVATION_DEG, config.export.view_radius, config.export.view_fovy_deg,
                              PSNR_RESOLUTION, PSNR_RESOLUTION)  # fmt: skip
-    ours = torch.cat([scene.render(cams[i], num_samples=config.export.num_samples, solid_background=(1.0, 1.0, 1.0),
-                                   random_background=False).rgb for i in range(len(cams))])  # fmt: skip
+    ours = torch.cat([scene.render(cams[i].to(device), num_samples=config.export.num_samples, solid_background=(1.0, 1.0, 1.0),
+                                   random_background=False).rgb.cpu() for i in range(len(cams))])  # fmt: skip
     truth = render_object(obj, cams).rgb
     return psnr(ours.clamp(0, 1).numpy(), truth.numpy())
 
 
-def score_run(run_dir: Path, obj: WorldObject) -> dict:
+def score_run(run_dir: Path, obj: WorldObject, device: str = "cpu") -> dict:
     """Shape, colour, IoU and PSNR of a finished run (its `mesh.ply`) against the world object."""
     from sds3d.world.metrics import area_weighted_color, load_mesh_arrays, nearest_color, shape_ious
 
@@ -86,7 +86,7 @@ def score_run(run_dir: Path, obj: WorldObject) -> dict:
     color = nearest_color(area_weighted_color(verts, faces, colors))
     return {
         "shape": shape, "shape_ok": shape == obj.shape, "color": color, "color_ok": color == obj.color,
-        "iou": round(ious[obj.shape], 3), "psnr": round(render_psnr(run_dir, obj), 2),
+        "iou": round(ious[obj.shape], 3), "psnr": round(render_psnr(run_dir, obj, device), 2),
         "faces": int(len(faces)),
     }  # fmt: skip
 

@@ -253,7 +253,7 @@ class CellRunner:
             train_seconds = time.perf_counter() - t0
             _, scene, _ = load_scene(run_dir, config.device)
             write_mesh(scene.to_mesh(config.export), run_dir)
-            row = score_run(run_dir, obj)
+            row = score_run(run_dir, obj, config.device)
         except (EmptySceneError, UserError) as err:  # an empty scene or a divergence: a failed cell
             row = {"shape": "none", "shape_ok": False, "color": "none", "color_ok": False, "iou": 0.0,
                    "psnr": 0.0, "faces": 0, "failed": str(err)}  # fmt: skip
