@@ -95,12 +95,16 @@ def test_each_axis_sets_its_field():
 
 
 def test_one_axis_at_a_time_and_cross(tmp_path):
-    one = study.load_spec(_spec(tmp_path, "name='x'\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n"))
+    one = study.load_spec(
+        _spec(tmp_path, "name='x'\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n")
+    )
     pts = study.points(one)
     assert [p for p, _ in pts] == [(), (("cfg", 5.0),), (("cfg", 20.0),), (("weighting", "seed"),),
                                    (("weighting", "uniform"),)]  # fmt: skip
     assert pts[1][1].rule.guidance_scale == 5.0 and pts[1][1].rule.weighting == "dreamfusion"
-    cross = study.load_spec(_spec(tmp_path, "name='x'\ncross=true\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n"))
+    cross = study.load_spec(
+        _spec(tmp_path, "name='x'\ncross=true\n[axes]\ncfg=[5.0, 20.0]\nweighting=['seed','uniform']\n")
+    )
     pts = study.points(cross)
     assert len(pts) == 4  # 2 × 2 (the base is a cell of the cross when its values are on the axes)
     assert {(c.rule.guidance_scale, c.rule.weighting) for _, c in pts} == {
@@ -132,7 +136,9 @@ def test_mean_and_spread_are_over_seeds_of_prompt_means():
             _row(1, "a", True, 0.8), _row(1, "b", True, 0.6, "torus")]  # seed 1: IoU 0.7, shape 100%  # fmt: skip
     s = study.summarise_point(rows, [0, 1])
     assert s["iou"] == pytest.approx(0.6) and s["iou_sd"] == pytest.approx(math.sqrt(0.02), abs=1e-4)
-    assert s["shape_accuracy"] == pytest.approx(0.75) and s["shape_accuracy_sd"] == pytest.approx(0.3536, abs=1e-4)
+    assert s["shape_accuracy"] == pytest.approx(0.75) and s["shape_accuracy_sd"] == pytest.approx(
+        0.3536, abs=1e-4
+    )
     assert s["shape_failures"] == {"cube": "0/2", "torus": "1/2"}
     assert study.summarise_point(rows[:2], [0, 1])["iou_sd"] is None  # one seed: no spread
 

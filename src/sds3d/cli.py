@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
     pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
     pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
-    pt.add_argument("--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)")
+    pt.add_argument(
+        "--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)"
+    )
     b = sub.add_parser(
         "bench", help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor)"
     )

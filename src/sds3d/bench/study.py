@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +64,15 @@ QUICK_PROMPTS = ("a blue torus", "a green cube", "a yellow sphere", "a blue cone
 
 # Shading during training (renderer fields). DreamFusion samples a light around the camera and shades
 # each step with one of albedo, textureless or lambertian; these isolate the choices.
-SHADINGS: dict[str, dict[str, float]] = {
+SHADINGS: dict[str, dict[str, Any]] = {
     "albedo": {"albedo_prob": 1.0, "textureless_prob": 0.0},  # the default preset
     "lambertian": {"albedo_prob": 0.0, "textureless_prob": 0.0, "light_jitter": 0.0},  # light at the camera
     "light-sampling": {"albedo_prob": 0.0, "textureless_prob": 0.0, "light_jitter": 1.0},  # lights around it
-    "textureless-mix": {"albedo_prob": 0.2, "textureless_prob": 0.5, "light_jitter": 1.0},  # DreamFusion's mix
+    "textureless-mix": {
+        "albedo_prob": 0.2,
+        "textureless_prob": 0.5,
+        "light_jitter": 1.0,
+    },  # DreamFusion's mix
 }
 ALIASES = {"weighting": "rule.weighting", "t_schedule": "rule.t_schedule", "cfg": "rule.guidance_scale",
            "prior": "guidance.model", "steps": "steps"}  # fmt: skip
@@ -91,6 +94,8 @@ class StudySpec:
 
 def load_spec(path: Path) -> StudySpec:
     """Read and check a SPEC file; every problem is one `UserError` line."""
+    import tomllib  # Python 3.11+; a .json spec works on 3.10 too
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such study spec (a .toml or .json file)")
@@ -386,11 +391,21 @@ def conclusions(axis: str, table: list[tuple[Any, dict]]) -> list[str]:
     return lines
 
 
-def _plot_axis(path: Path, axis: str, table: list[tuple[Any, dict]], x_values: list[float] | None) -> None:
-    import matplotlib
-
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            "the study's plots need matplotlib: pip install 'sds3d[study]', or pass --no-plots"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_axis(path: Path, axis: str, table: list[tuple[Any, dict]], x_values: list[float] | None) -> None:
+    plt = _pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     labels = [str(v) for v, _ in table]
@@ -413,10 +428,7 @@ def _plot_axis(path: Path, axis: str, table: list[tuple[Any, dict]], x_values: l
 
 
 def _plot_cross(path: Path, axes: list[str], grid: np.ndarray, values: list[list[Any]], metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(1.3 * len(values[1]) + 2.5, 0.7 * len(values[0]) + 1.8))
     im = ax.imshow(grid, cmap="viridis")
@@ -516,10 +528,17 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
 # --- the command ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sds3d study", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", type=Path, nargs="+", help="study specs (.toml or .json; see `studies/`): their cells run in one pool")
+    parser.add_argument(
+        "spec",
+        type=Path,
+        nargs="+",
+        help="study specs (.toml or .json; see `studies/`): their cells run in one pool",
+    )
     parser.add_argument("--device", default="cpu", help="where cells train (cpu, cuda)")
     parser.add_argument("--workers", type=int, default=1, help="cells at a time, each worker its own process")
-    parser.add_argument("--dir", type=Path, help="where cells are kept, shared by studies (default runs/study-cells)")
+    parser.add_argument(
+        "--dir", type=Path, help="where cells are kept, shared by studies (default runs/study-cells)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="where the report goes")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the cells found")
     parser.add_argument("--limit", type=int, help="run at most N of the missing cells, then report")
