@@ -60,6 +60,11 @@ MUTATIONS = [
     ('stages.py', 's.rule if s.rule is not None else rule', 'rule', 'tests/test_stages.py'),
     ('train.py', 'scene.start_stage(stages[stage.index - 1].render, stage.render)', 'pass', 'tests/test_latent_prior.py -k skips_the_vae'),
     ('stages.py', 'if s.render == "latent" and i > 0:', 'if False:', 'tests/test_stages.py -k one_line'),
+    # sds3d study: settings reach the config, statistics are over seeds, finished cells are skipped
+    ('bench/study.py', '"textureless_prob": 0.0, "light_jitter": 0.0}', '"textureless_prob": 0.0}', 'tests/test_study.py -k each_axis'),
+    ('bench/study.py', 'float(np.std(per_seed, ddof=1))', 'float(np.std(per_seed))', 'tests/test_study.py -k spread'),
+    ('bench/study.py', 'c.key not in found or "error" in found[c.key]]', '"error" in found.get(c.key, {})]', 'tests/test_study.py -k resumes'),
+    ('bench/study.py', 'prompt=prompt, seed=seed, device=device', 'prompt=prompt, seed=0, device=device', 'tests/test_study.py -k seed_by_seed'),
 ]
 # fmt: on
 
