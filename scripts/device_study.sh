@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device lease of `sds3d study` (see benchmarks/README.md): install the carried wheels, check one
 # cell on the GPU, then run the given specs with N workers for at most SECONDS, while (optionally)
-# training the prior snapshots of studies/prior.toml beside them. Cells come back as $OUT/cells.tgz.
+# training the prior snapshots of studies/prior.toml beside them and measuring their accuracy.
+# Cells (and prior accuracy reports) come back in $OUT/results.tgz, snapshots as pipeline-step*.tgz.
 #   bash scripts/device_study.sh WORKERS SECONDS [--snapshots] SPEC...
 set -uo pipefail
 workers=$1 seconds=$2; shift 2
@@ -10,25 +11,31 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 nvidia-smi -L; nproc
 mkdir -p runs
-if [ -f carried/cells.tgz ]; then tar xzf carried/cells.tgz; fi
+if [ -f carried/results.tgz ]; then tar xzf carried/results.tgz runs; fi
 if [ -d carried/prior-snap ]; then cp -r carried/prior-snap runs/; fi
 printf 'name="smoke"\nseeds=1\nprompts=["a red cube"]\n[base]\nsteps=50\n' > /tmp/smoke.toml
 python3 -m sds3d.cli study /tmp/smoke.toml --device cuda --dir /tmp/smoke --no-plots --out /tmp/smoke-out > /tmp/smoke.log 2>&1 \
   || { tail -20 /tmp/smoke.log; exit 1; }
 grep -o '"seconds": [0-9.]*, "train_seconds": [0-9.]*' /tmp/smoke-out/study_smoke.json
 if [ $snap = 1 ]; then
-  (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 4000 --compile --no-progress \
-     --snapshots 500,1000,2000 > "$OUT/prior.log" 2>&1; echo prior-done >> "$OUT/prior.log") &
+  mkdir -p pa
+  (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 3000 --compile --no-progress \
+     --snapshots 500,1000,2000 > pa/prior.log 2>&1
+   mv runs/prior-snap/pipeline runs/prior-snap/pipeline-step3000
+   for n in 500 1000 2000 3000; do
+     python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model runs/prior-snap/pipeline-step$n \
+       --out pa --name prior_accuracy_step$n >> pa/prior.log 2>&1
+   done; echo prior-done >> pa/prior.log) &
 fi
 timeout -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --no-plots --out /tmp/rep 2>&1 \
   | tr '\r' '\n' | grep -v '^ *$' > "$OUT/study.log"
 tail -n 4 "$OUT/study.log"
-tar czf "$OUT/cells.tgz" runs/study-cells/cells
 echo "cells: $(ls runs/study-cells/cells | wc -l)"
 if [ $snap = 1 ]; then
-  for i in $(seq 60); do grep -q prior-done "$OUT/prior.log" && break; sleep 2; done
-  tail -n 3 "$OUT/prior.log"
-  cp runs/prior-snap/train_log.json runs/prior-snap/pipeline/ 2>/dev/null
+  for i in $(seq 60); do grep -q prior-done pa/prior.log && break; sleep 2; done
+  tail -n 3 pa/prior.log; grep -h "^| " pa/*.md
+  cp runs/prior-snap/train_log.json pa/ 2>/dev/null
   (cd runs && for d in prior-snap/pipeline*; do tar czf "$OUT/$(basename "$d").tgz" "$d"; done)
 fi
+tar czf "$OUT/results.tgz" runs/study-cells/cells $( [ -d pa ] && echo pa )
 ls -la "$OUT"
