@@ -16,7 +16,7 @@ if [ -d carried/prior-snap ]; then cp -r carried/prior-snap runs/; fi
 printf 'name="smoke"\nseeds=1\nprompts=["a red cube"]\n[base]\nsteps=50\n' > /tmp/smoke.toml
 python3 -m sds3d.cli study /tmp/smoke.toml --device cuda --dir /tmp/smoke --no-plots --out /tmp/smoke-out > /tmp/smoke.log 2>&1 \
   || { tail -20 /tmp/smoke.log; exit 1; }
-grep -o '"seconds": [0-9.]*, "train_seconds": [0-9.]*' /tmp/smoke-out/study_smoke.json
+python3 -c "import json; c = json.load(open('/tmp/smoke-out/study_smoke.json'))['cells'][0]; print('smoke cell (50 steps):', c['seconds'], 's,', c['train_seconds'], 's training')"; date
 if [ $snap = 1 ]; then
   mkdir -p pa
   (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 3000 --compile --no-progress \
@@ -27,12 +27,12 @@ if [ $snap = 1 ]; then
        --out pa --name prior_accuracy_step$n >> pa/prior.log 2>&1
    done; echo prior-done >> pa/prior.log) &
 fi
-timeout -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --no-plots --out /tmp/rep 2>&1 \
-  | tr '\r' '\n' | grep -v '^ *$' > "$OUT/study.log"
-tail -n 4 "$OUT/study.log"
+timeout -k 15 -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --no-plots \
+  --out /tmp/rep > /tmp/study.log 2>&1
+date; tr '\r' '\n' < /tmp/study.log | grep -v '^ *$' > "$OUT/study.log"; tail -n 3 "$OUT/study.log"
 echo "cells: $(ls runs/study-cells/cells | wc -l)"
 if [ $snap = 1 ]; then
-  for i in $(seq 60); do grep -q prior-done pa/prior.log && break; sleep 2; done
+  for i in $(seq 30); do grep -q prior-done pa/prior.log && break; sleep 2; done
   tail -n 3 pa/prior.log; grep -h "^| " pa/*.md
   cp runs/prior-snap/train_log.json pa/ 2>/dev/null
   (cd runs && for d in prior-snap/pipeline*; do tar czf "$OUT/$(basename "$d").tgz" "$d"; done)

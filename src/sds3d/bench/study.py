@@ -313,8 +313,8 @@ def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: in
                 p.terminate()
             p.join(timeout=10)
         for q in (tasks, results):
+            q.cancel_join_thread()  # cells never taken must not block the exit (Ctrl-C, timeout)
             q.close()
-            q.join_thread()
 
 
 def read_cells(cells_dir: Path) -> dict[str, dict]:
