@@ -19,10 +19,10 @@ python3 -m sds3d.cli study /tmp/smoke.toml --device cuda --dir /tmp/smoke --no-p
 python3 -c "import json; c = json.load(open('/tmp/smoke-out/study_smoke.json'))['cells'][0]; print('smoke cell (50 steps):', c['seconds'], 's,', c['train_seconds'], 's training')"; date
 if [ $snap = 1 ]; then
   mkdir -p pa
-  (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 2000 --compile --no-progress \
+  (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 1000 --compile --no-progress \
      --snapshots 500,1000 > pa/prior.log 2>&1
-   mv runs/prior-snap/pipeline runs/prior-snap/pipeline-step2000
-   for n in 500 1000 2000; do
+   rm -rf runs/prior-snap/pipeline
+   for n in 500 1000; do
      python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model runs/prior-snap/pipeline-step$n \
        --out pa --name prior_accuracy_step$n >> pa/prior.log 2>&1
    done; echo prior-done >> pa/prior.log) &
