@@ -141,6 +141,10 @@ def test_mean_and_spread_are_over_seeds_of_prompt_means():
     )
     assert s["shape_failures"] == {"cube": "0/2", "torus": "1/2"}
     assert study.summarise_point(rows[:2], [0, 1])["iou_sd"] is None  # one seed: no spread
+    # a seed cut short (one of its two prompts) does not count beside a whole one
+    cut = study.summarise_point(rows[:3], [0, 1], prompts=2)
+    assert cut["iou"] == pytest.approx(0.5) and (cut["seeds"], cut["complete_seeds"]) == (1, 1)
+    assert study.summarise_point(rows[:3], [0, 1])["iou"] == pytest.approx(0.65)
 
 
 def test_conclusions_call_a_difference_only_beyond_the_spread():
@@ -185,7 +189,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     cell = report["cells"][0]
     assert {"shape", "iou", "psnr", "seconds", "train_seconds"} <= set(cell) and 0.0 <= cell["iou"] <= 1.0
     md = (out / "study_small.md").read_text()
-    assert "| 7.5 | 2 |" in md and "What the numbers show" in md
+    assert "| 7.5 | 2 | 1 |" in md and "What the numbers show" in md
     assert (out / "study_small_cfg.png").stat().st_size > 1000
     assert main(argv) == 0 and len(seen) == 4  # nothing left to run
     # a failed cell (its file says so) runs again

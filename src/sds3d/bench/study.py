@@ -333,11 +333,17 @@ def _label(point: Point) -> str:
     return ", ".join(f"{a}={v}" for a, v in point) or "base"
 
 
-def summarise_point(rows: list[dict], seeds: Sequence[int]) -> dict:
-    """Each seed's mean over its prompts, then the mean and standard deviation over seeds."""
+def summarise_point(rows: list[dict], seeds: Sequence[int], prompts: int | None = None) -> dict:
+    """Each seed's mean over its prompts, then the mean and standard deviation over seeds. With
+    `prompts`, only seeds that have all their prompts count (while any seed is complete): a seed cut
+    short by a stopped study would weigh its few prompts as much as a whole seed."""
     out: dict[str, Any] = {"cells": len(rows)}
     by_seed = [[r for r in rows if r["seed"] == s] for s in seeds]
     by_seed = [b for b in by_seed if b]
+    complete = [b for b in by_seed if prompts is not None and len(b) >= prompts]
+    by_seed = complete or by_seed
+    out["seeds"] = len(by_seed)
+    out["complete_seeds"] = len(complete)
     for metric, pick in (("shape_accuracy", "shape_ok"), ("color_accuracy", "color_ok"), ("iou", "iou"),
                          ("psnr", "psnr")):  # fmt: skip
         per_seed = [float(np.mean([float(r[pick]) for r in b])) for b in by_seed]
@@ -457,7 +463,7 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
         by_point.setdefault(cell.point, [])
         if cell.key in found and "error" not in found[cell.key]:
             by_point[cell.point].append(found[cell.key])
-    summary = {_label(p): summarise_point(rows, spec.seeds) for p, rows in by_point.items()}
+    summary = {_label(p): summarise_point(rows, spec.seeds, len(spec.prompts)) for p, rows in by_point.items()}
     done = len({c.key for c in all_cells if c.key in found and "error" not in found[c.key]})
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "spec": dataclasses.asdict(spec), "spec_file": str(spec_path), "cells_done": done,
@@ -477,7 +483,7 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
         f"Cells done: {done} of {len({c.key for c in all_cells})}.",
         "",
         "Each value: the mean over seeds of each seed's mean over the prompts ± the standard deviation over "
-        "seeds. Shape: the primitive with the highest 3D IoU at its best rotation about z is the prompt's; "
+        "seeds (only whole seeds, all prompts done, count while any seed of the setting is whole). Shape: the primitive with the highest 3D IoU at its best rotation about z is the prompt's; "
         "IoU: with the prompt's primitive (64³ voxels); PSNR: albedo renders against the ground truth, 8 views. "
         "Shape misses: per true shape, misses / cells.",
         "",
@@ -494,11 +500,11 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
             if base_key not in own:  # the preset's own value is not on this axis: show it beside
                 table.insert(0, ("base", summary["base"]))
         lines += [f"## {axis}", "",
-                  "| setting | cells | shape | colour | IoU | PSNR (dB) | shape misses | s / cell |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+                  "| setting | cells | whole seeds | shape | colour | IoU | PSNR (dB) | shape misses | s / cell |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
         for value, s in table:
             misses = ", ".join(f"{k} {v}" for k, v in s["shape_failures"].items() if not v.startswith("0/"))
-            lines.append(f"| {value} | {s['cells']} | {_pm(s, 'shape_accuracy', '.0%')} | {_pm(s, 'color_accuracy', '.0%')} "
+            lines.append(f"| {value} | {s['cells']} | {s['complete_seeds']} | {_pm(s, 'shape_accuracy', '.0%')} | {_pm(s, 'color_accuracy', '.0%')} "
                          f"| {_pm(s, 'iou', '.3f')} | {_pm(s, 'psnr', '.2f')} | {misses or 'none'} | {s['seconds_per_cell']} |")  # fmt: skip
         lines += ["", "What the numbers show:", "", *conclusions(axis, table), ""]
         if plots and any(s.get("iou") is not None for _, s in table):
