@@ -209,7 +209,11 @@ def test_a_study_folder_in_use_is_one_line(tmp_path, capsys):
     fd = os.open(tmp_path / "cells" / runs.LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as another process holding it would
     try:
-        code = main(["study", str(spec), "--dir", str(tmp_path / "cells"), "--report"])
+        code = main(["study", str(spec), "--dir", str(tmp_path / "cells"), "--limit", "1"])
+        # a report only reads: it can be written while a study runs
+        report = main(["study", str(spec), "--dir", str(tmp_path / "cells"), "--report", "--no-plots",
+                       "--out", str(tmp_path / "out")])  # fmt: skip
     finally:
         os.close(fd)
     assert code == 2 and "in use by another sds3d process" in capsys.readouterr().err
+    assert report == 0 and (tmp_path / "out" / "study_small.md").is_file()

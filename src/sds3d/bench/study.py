@@ -463,7 +463,9 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
         by_point.setdefault(cell.point, [])
         if cell.key in found and "error" not in found[cell.key]:
             by_point[cell.point].append(found[cell.key])
-    summary = {_label(p): summarise_point(rows, spec.seeds, len(spec.prompts)) for p, rows in by_point.items()}
+    summary = {
+        _label(p): summarise_point(rows, spec.seeds, len(spec.prompts)) for p, rows in by_point.items()
+    }
     done = len({c.key for c in all_cells if c.key in found and "error" not in found[c.key]})
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "spec": dataclasses.asdict(spec), "spec_file": str(spec_path), "cells_done": done,
@@ -557,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
 
     study_dir = args.dir or Path("runs") / "study-cells"
     command = "sds3d study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report:  # read-only: a report can be written while a study runs (cell files are atomic)
+        if study_dir.exists() and not study_dir.is_dir():
+            raise UserError(f"--dir {study_dir} is a file, not a study folder")
+        found = read_cells(study_dir / "cells")
+        for spec, path in zip(specs, args.spec, strict=True):
+            report(spec, path, found, args.out, command.strip(), plots=not args.no_plots)
+        return 0
     with runs.locked(study_dir, create=True):
         cells_dir, work_dir = study_dir / "cells", study_dir / "work"
         cells_dir.mkdir(exist_ok=True)
