@@ -217,3 +217,46 @@ def test_a_study_folder_in_use_is_one_line(tmp_path, capsys):
         os.close(fd)
     assert code == 2 and "in use by another sds3d process" in capsys.readouterr().err
     assert report == 0 and (tmp_path / "out" / "study_small.md").is_file()
+
+
+def _fake_results(spec, iou_of) -> dict:
+    """A finished cell for every cell of `spec`, its IoU chosen by `iou_of(config dict)`."""
+    found = {}
+    for cell in study.cells(spec, "cpu"):
+        config = json.loads(cell.config_json)
+        found[cell.key] = {**_row(cell.seed, cell.prompt, True, iou_of(config)), "key": cell.key}
+    return found
+
+
+def test_cross_report_is_a_grid_with_a_heatmap(tmp_path):
+    spec = study.load_spec(_spec(tmp_path, "name='grid'\nseeds=2\nprompts='quick'\ncross=true\n"
+                                 "[axes]\nweighting=['seed','uniform']\nt_schedule=['constant','sqrt','linear']\n"))  # fmt: skip
+    bonus = {"constant": 0.0, "sqrt": 0.1, "linear": 0.05}
+    found = _fake_results(
+        spec, lambda c: 0.5 + bonus[c["rule"]["t_schedule"]] + (c["rule"]["weighting"] == "seed") * 0.2
+    )
+    result = study.report(spec, Path("grid.toml"), found, tmp_path, "test")
+    assert result["cells_done"] == result["cells_total"] == 2 * 3 * 2 * 5
+    assert result["points"]["weighting=seed, t_schedule=sqrt"]["iou"] == pytest.approx(0.8)
+    md = (tmp_path / "study_grid.md").read_text()
+    assert "Highest mean IoU: weighting×t_schedule = weighting=seed, t_schedule=sqrt" in md
+    assert (tmp_path / "study_grid_weighting_x_t_schedule.png").stat().st_size > 1000
+
+
+def test_prior_axis_is_plotted_against_prior_accuracy(tmp_path):
+    for name, acc in (("a", 0.2), ("b", 0.9), ("shipped", 0.95)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [{"samples": 10, "shape_accuracy": acc}]}))
+    text = (f"name='p'\nseeds=1\nprompts=['a red cube']\n[axes]\nprior=['runs/a', 'runs/b']\n"
+            f"[prior_accuracy]\n'runs/a'='{tmp_path / 'a.json'}'\n'runs/b'='{tmp_path / 'b.json'}'\n"
+            f"'sds3d/world-prior-32'='{tmp_path / 'shipped.json'}'\n")  # fmt: skip
+    spec = study.load_spec(_spec(tmp_path, text))
+    found = _fake_results(spec, lambda c: 0.9 if c["guidance"]["model"] == "runs/b" else 0.3)
+    study.report(spec, Path("p.toml"), found, tmp_path, "test")
+    md = (tmp_path / "study_p.md").read_text()
+    # the preset's own prior is not on the axis: shown beside it as "base", at its own accuracy
+    assert (
+        "Prior shape accuracy (its samples judged by the classifier): base: 95%, runs/a: 20%, runs/b: 90%"
+        in md
+    )
+    assert "Highest mean IoU: prior = runs/b (0.900); lowest: base (0.300)" in md and "one seed" in md
+    assert (tmp_path / "study_p_prior.png").is_file()

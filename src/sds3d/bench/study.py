@@ -383,14 +383,19 @@ def conclusions(axis: str, table: list[tuple[Any, dict]]) -> list[str]:
         return ["Too few settings measured to compare."]
     best = max(done, key=lambda vs: vs[1]["iou"])
     worst = min(done, key=lambda vs: vs[1]["iou"])
-    spread = max((s.get("iou_sd") or 0.0) for _, s in done)
+    spreads = [s["iou_sd"] for _, s in done if s.get("iou_sd") is not None]
+    spread = max(spreads, default=0.0)
     gap = best[1]["iou"] - worst[1]["iou"]
+    if not spreads:
+        verdict = "not compared with a spread: one seed per setting measures none."
+    elif gap > 2 * spread:
+        verdict = f"more than twice the largest spread over seeds ({spread:.3f})."
+    else:
+        verdict = f"within twice the largest spread over seeds ({spread:.3f}): not a clear difference."
     lines = [
         f"- Highest mean IoU: {axis} = {best[0]} ({_pm(best[1], 'iou', '.3f')}); lowest: {worst[0]} "
-        f"({_pm(worst[1], 'iou', '.3f')}). The gap, {gap:.3f}, is "
-        + (f"more than twice the largest spread over seeds ({spread:.3f})." if gap > 2 * spread
-           else f"within twice the largest spread over seeds ({spread:.3f}): not a clear difference.")
-    ]  # fmt: skip
+        f"({_pm(worst[1], 'iou', '.3f')}). The gap, {gap:.3f}, is {verdict}"
+    ]
     reach = [str(v) for v, s in done if (s.get("shape_accuracy") or 0) >= 0.95]
     lines.append(f"- Shape accuracy ≥ 95%: {', '.join(reach) if reach else 'none'}; "
                  f"highest {max(s['shape_accuracy'] for _, s in done):.0%} ({max(done, key=lambda vs: vs[1]['shape_accuracy'])[0]}).")  # fmt: skip
@@ -522,7 +527,10 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
             else:
                 xs = None
                 if axis == "prior" and spec.prior_accuracy:
-                    acc = [prior_accuracy_of(spec.prior_accuracy.get(str(v), "")) for v, _ in table]
+                    models = [
+                        str(getattr(base.guidance, "model", "")) if v == "base" else str(v) for v, _ in table
+                    ]
+                    acc = [prior_accuracy_of(spec.prior_accuracy.get(m, "")) for m in models]
                     xs = [a for a in acc if a is not None] if all(a is not None for a in acc) else None
                     if xs is not None:
                         lines.insert(len(lines) - 1, "- Prior shape accuracy (its samples judged by the classifier): "
