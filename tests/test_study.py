@@ -198,6 +198,29 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert main(argv) == 0 and len(seen) == 5
 
 
+def test_quick_is_seed_0_and_one_prompt_per_shape(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(study, "run_cells", lambda todo, *a, **k: seen.extend(todo))
+    spec = _spec(tmp_path, SMALL)
+    assert (
+        main(
+            [
+                "study",
+                str(spec),
+                "--quick",
+                "--dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
+    assert {c.seed for c in seen} == {0} and sorted({c.prompt for c in seen}) == sorted(study.QUICK_PROMPTS)
+    assert len(seen) == 2 * 5 and (tmp_path / "study_small_quick.md").is_file()
+
+
 def test_a_study_folder_in_use_is_one_line(tmp_path, capsys):
     import fcntl
     import os

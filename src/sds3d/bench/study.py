@@ -559,8 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the cells found")
     parser.add_argument("--limit", type=int, help="run at most N of the missing cells, then report")
     parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look on a CPU: seed 0 and {len(QUICK_PROMPTS)} prompts (one per shape); report study_NAME_quick")  # fmt: skip
     args = parser.parse_args(argv)
     specs = [load_spec(path) for path in args.spec]
+    if args.quick:
+        specs = [
+            dataclasses.replace(s, name=f"{s.name}_quick", seeds=[0], prompts=list(QUICK_PROMPTS))
+            for s in specs
+        ]
     if args.workers < 1:
         raise UserError(f"--workers must be 1 or more, not {args.workers}")
     from sds3d import runs
