@@ -1,6 +1,7 @@
 """`sds3d study SPEC`: a grid of settings × seeds × prompts, every cell scored against the ground truth.
 
     sds3d study studies/weighting_schedule.toml [--workers 8] [--device cuda] [--dir runs/study-NAME]
+    sds3d study SPEC --quick             # a first look on a CPU: seed 0, one prompt per shape
     sds3d study SPEC --report            # rewrite the report from the cells found, run nothing
 
 SPEC (TOML or JSON; `studies/` holds the committed ones):
