@@ -283,3 +283,16 @@ def test_prior_axis_is_plotted_against_prior_accuracy(tmp_path):
     )
     assert "Highest mean IoU: prior = runs/b (0.900); lowest: base (0.300)" in md and "one seed" in md
     assert (tmp_path / "study_p_prior.png").is_file()
+
+
+def test_a_cell_that_hits_a_bug_is_reported_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
+    def boom(self, cell):
+        if cell.prompt == "a red cube":
+            raise RuntimeError("boom")
+        return {"key": cell.key, "seed": cell.seed}
+
+    monkeypatch.setattr(study.CellRunner, "__call__", boom)
+    got: list[dict] = []
+    todo = study.cells(study.load_spec(_spec(tmp_path, SMALL)), "cpu")[:2]
+    study.run_cells(todo, tmp_path, tmp_path / "w", 1, got.append)
+    assert [("error" in r) for r in got] == [True, False] and "RuntimeError: boom" in got[0]["error"]

@@ -41,6 +41,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import sys
 import time
@@ -273,6 +274,14 @@ class CellRunner:
         shutil.rmtree(run_dir, ignore_errors=True)
         return result
 
+    def guarded(self, cell: Cell) -> dict:
+        """The cell's result, or {"key", "error"} for a bug it hit: reported, not kept (it runs again
+        next time), and the study goes on. Ctrl-C is not caught."""
+        try:
+            return self(cell)
+        except Exception as err:
+            return {"key": cell.key, "error": f"{type(err).__name__}: {err}"}
+
 
 def _worker(cells_dir: str, work_dir: str, threads: int, tasks, results) -> None:
     import torch
@@ -280,10 +289,7 @@ def _worker(cells_dir: str, work_dir: str, threads: int, tasks, results) -> None
     torch.set_num_threads(threads)
     runner = CellRunner(Path(cells_dir), Path(work_dir))
     while (cell := tasks.get()) is not None:
-        try:
-            results.put(runner(cell))
-        except BaseException as err:  # noqa: BLE001 - reported by the parent, the study goes on
-            results.put({"key": cell.key, "error": f"{type(err).__name__}: {err}"})
+        results.put(runner.guarded(cell))
 
 
 def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: int,
@@ -292,7 +298,7 @@ def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: in
     if workers <= 1:
         runner = CellRunner(cells_dir, work_dir)
         for cell in todo:
-            on_result(runner(cell))
+            on_result(runner.guarded(cell))
         return
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -306,8 +312,17 @@ def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: in
     for p in procs:
         p.start()
     try:
-        for _ in range(len(todo)):
-            on_result(results.get())
+        received = 0
+        while received < len(todo):
+            try:
+                row = results.get(timeout=10)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):  # killed (out of memory, say): say so, not hang
+                    raise UserError(f"every study worker stopped with {len(todo) - received} cells left; "
+                                    "finished cells are kept: run the same command again") from None  # fmt: skip
+                continue
+            received += 1
+            on_result(row)
     finally:
         for p in procs:
             if p.is_alive():
