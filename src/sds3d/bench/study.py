@@ -432,21 +432,37 @@ def _pyplot():
 
 
 def _plot_axis(path: Path, axis: str, table: list[tuple[Any, dict]], x_values: list[float] | None) -> None:
+    """IoU, shape accuracy and PSNR against the axis: at numeric positions (a number axis, or the
+    priors' measured accuracy) when there are some, else one column per setting."""
     plt = _pyplot()
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     labels = [str(v) for v, _ in table]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v, _ in table)
+    if x_values is None and numbers and axis != "prior":
+        x_values = [float(v) for v, _ in table]
     xs = x_values if x_values is not None else list(range(len(table)))
-    for ax, metric, name in ((ax1, "iou", "3D IoU"), (ax2, "shape_accuracy", "shape accuracy")):
+    log_x = numbers and x_values is not None and axis != "prior" and min(xs) > 0 and max(xs) / min(xs) > 10
+    for ax, metric, name in zip(
+        axes, ("iou", "shape_accuracy", "psnr"), ("3D IoU", "shape accuracy", "PSNR (dB)"), strict=True
+    ):
         ys = [s.get(metric) if s.get(metric) is not None else math.nan for _, s in table]
         err = [s.get(metric + "_sd") or 0.0 for _, s in table]
         ax.errorbar(xs, ys, yerr=err, fmt="o-" if x_values is not None else "o", capsize=4)
-        if x_values is None:
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xticks(xs, labels)
+            ax.minorticks_off()
+        elif x_values is None:
             ax.set_xticks(xs, labels, rotation=20)
-        else:
+        elif axis == "prior":
             for x, y, label in zip(xs, ys, labels, strict=True):
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 5), fontsize=7)
-        ax.set_ylabel(f"{name} (mean ± sd over seeds)")
+                ax.annotate(
+                    label.rsplit("/", 1)[-1], (x, y), textcoords="offset points", xytext=(3, 5), fontsize=7
+                )
+        if metric == "shape_accuracy":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(f"{name}, mean ± sd over seeds")
         ax.set_xlabel("prior shape accuracy" if axis == "prior" and x_values is not None else axis)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -492,7 +508,10 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
               "spec": dataclasses.asdict(spec), "spec_file": str(spec_path), "cells_done": done,
               "cells_total": len({c.key for c in all_cells}), "points": summary,
               "cells": [found[c.key] for c in all_cells if c.key in found]}  # fmt: skip
-    devices = sorted({d for s in summary.values() for d in s["devices"]})
+    counts: dict[str, int] = {}
+    for key in {c.key for c in all_cells if c.key in found and "error" not in found[c.key]}:
+        counts[found[key].get("device", "?")] = counts.get(found[key].get("device", "?"), 0) + 1
+    devices = [f"{d} ({n} cells)" for d, n in sorted(counts.items())]
     base = base_config(spec)
     lines = [
         f"# Study `{spec.name}`: 3D quality against the ground truth",
