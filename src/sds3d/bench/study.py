@@ -503,14 +503,16 @@ def report(spec: StudySpec, spec_path: Path, found: dict[str, dict], out: Path, 
     summary = {
         _label(p): summarise_point(rows, spec.seeds, len(spec.prompts)) for p, rows in by_point.items()
     }
-    done = len({c.key for c in all_cells if c.key in found and "error" not in found[c.key]})
+    finished = {c.key for c in all_cells if c.key in found and "error" not in found[c.key]}
+    done = len(finished)
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "spec": dataclasses.asdict(spec), "spec_file": str(spec_path), "cells_done": done,
               "cells_total": len({c.key for c in all_cells}), "points": summary,
               "cells": [found[c.key] for c in all_cells if c.key in found]}  # fmt: skip
     counts: dict[str, int] = {}
-    for key in {c.key for c in all_cells if c.key in found and "error" not in found[c.key]}:
-        counts[found[key].get("device", "?")] = counts.get(found[key].get("device", "?"), 0) + 1
+    for key in finished:
+        device = found[key].get("device", "?")
+        counts[device] = counts.get(device, 0) + 1
     devices = [f"{d} ({n} cells)" for d, n in sorted(counts.items())]
     base = base_config(spec)
     lines = [
@@ -609,12 +611,16 @@ def main(argv: list[str] | None = None) -> int:
 
     study_dir = args.dir or Path("runs") / "study-cells"
     command = "sds3d study " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write_reports(cells_dir: Path) -> None:
+        found = read_cells(cells_dir)
+        for spec, path in zip(specs, args.spec, strict=True):
+            report(spec, path, found, args.out, command.strip(), plots=not args.no_plots)
+
     if args.report:  # read-only: a report can be written while a study runs (cell files are atomic)
         if study_dir.exists() and not study_dir.is_dir():
             raise UserError(f"--dir {study_dir} is a file, not a study folder")
-        found = read_cells(study_dir / "cells")
-        for spec, path in zip(specs, args.spec, strict=True):
-            report(spec, path, found, args.out, command.strip(), plots=not args.no_plots)
+        write_reports(study_dir / "cells")
         return 0
     with runs.locked(study_dir, create=True):
         cells_dir, work_dir = study_dir / "cells", study_dir / "work"
@@ -648,9 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 bar.close()
                 shutil.rmtree(work_dir, ignore_errors=True)
-        found = read_cells(cells_dir)
-        for spec, path in zip(specs, args.spec, strict=True):
-            report(spec, path, found, args.out, command.strip(), plots=not args.no_plots)
+        write_reports(cells_dir)
     return 0
 
 
