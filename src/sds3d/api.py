@@ -145,12 +145,20 @@ def _generate(
         return out
     t0 = time.perf_counter()
     out.files = export_run(run_dir, config.device)
-    out.summary = {
+    out.summary = write_summary(config, run_dir, result, out.files, time.perf_counter() - t0)
+    return out
+
+
+def write_summary(
+    config: RunConfig, run_dir: Path, result: TrainOutput, files: dict[str, Path], export_wall_s: float
+) -> dict:
+    """`run_dir/summary.json`: what was run, how long it took, the mesh and the files."""
+    summary = {
         "prompt": config.prompt, "preset": config.preset, "seed": config.seed, "steps": config.steps,
         "train_wall_s": round(result.wall_s, 2), "it_per_s": round(result.it_per_s, 3),
-        "export_wall_s": round(time.perf_counter() - t0, 2), "final_losses": result.final_losses,
+        "export_wall_s": round(export_wall_s, 2), "final_losses": result.final_losses,
         "mesh": json.loads((run_dir / "mesh.json").read_text()),
-        "files": {k: str(v.name) for k, v in out.files.items()}, "versions": software_versions(),
+        "files": {k: str(v.name) for k, v in files.items()}, "versions": software_versions(),
     }  # fmt: skip
-    runs.write_atomic(run_dir / "summary.json", json.dumps(out.summary, indent=2))
-    return out
+    runs.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary

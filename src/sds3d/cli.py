@@ -113,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("benchmark", choices=list(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
+    bt = sub.add_parser(
+        "batch", help="many prompts in one process: the prior loaded once, K scenes trained at a time",
+        description="Train and export every prompt of PROMPTS (one per line, # comments) for each seed, "
+        "K scenes at a time with one prior call per step for all of them. Each result is a run folder "
+        "in --out, as `sds3d generate` writes it; --out/index.json lists them and --out/contact_sheet.png "
+        "shows them. Run the same command again to resume a stopped batch.",
+    )  # fmt: skip
+    bt.add_argument("prompts", type=Path, metavar="PROMPTS.txt")
+    bt.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default: default)")
+    bt.add_argument("--seeds", type=_positive_int, default=1, help="seeds 0…N−1 per prompt (default 1)")
+    bt.add_argument(
+        "--scenes", type=_positive_int, default=16, help="scenes trained at a time, K (default 16)"
+    )
+    bt.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
+    bt.add_argument(
+        "--out", type=Path, help="folder of the results (default: outputs/batch-<name of PROMPTS>)"
+    )
+    bt.add_argument("--device", help="torch device (default: the preset's)")
+    bt.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                    help="compile the prior with CUDA graphs (auto: on a GPU)")  # fmt: skip
+    bt.add_argument("--no-progress", action="store_true", help="no progress bars")
     st = sub.add_parser("study", help="a grid of settings x seeds x prompts scored against the ground truth",
                         add_help=False)  # fmt: skip
     st.add_argument("study_args", nargs=argparse.REMAINDER, help="SPEC [options] (sds3d study --help)")
@@ -304,6 +325,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(importlib.import_module(BENCHMARKS[args.benchmark]).main(args.bench_args) or 0)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from sds3d.api import slugify
+    from sds3d.batch import read_prompts, run_batch
+    from sds3d.config import DiffusersGuidanceConfig, check_config, preset
+    from sds3d.devices import check_device
+
+    prompts = read_prompts(args.prompts)
+    config = preset(args.preset or "default")
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.device is not None:
+        config.device = check_device(args.device)
+    compile = args.compile == "yes" or (args.compile == "auto" and config.device.startswith("cuda"))
+    if compile and isinstance(config.guidance, DiffusersGuidanceConfig) and not config.guidance.compile:
+        config.guidance = dataclasses.replace(config.guidance, compile=True, compile_mode="reduce-overhead")
+    check_config(config)
+    out = args.out or Path("outputs") / f"batch-{slugify(args.prompts.stem)}"
+    items = run_batch(
+        config, prompts, list(range(args.seeds)), out, args.scenes, progress=not args.no_progress
+    )
+    done = sum(i.status == "done" for i in items)
+    for item in items:
+        if item.status == "failed":
+            print(f"sds3d: failed: {item.prompt!r} seed {item.seed}: {item.error}", file=sys.stderr)
+    print(f"sds3d: {done}/{len(items)} results in {out}/ (index.json, contact_sheet.png)")
+    return 0 if done == len(items) else 1
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from sds3d.bench import study
 
@@ -318,7 +367,7 @@ def _quote(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets, "rules": cmd_rules,
-                "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study}  # fmt: skip
+                "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study, "batch": cmd_batch}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

@@ -187,14 +187,14 @@ def save_validation(config: RunConfig, scene: NeRFScene, path: Path, latent: boo
     imageio.imwrite(path, (np.concatenate(list(row), axis=1) * 255 + 0.5).astype(np.uint8))
 
 
-class _StopRequest:
+class StopRequest:
     """Turns the first Ctrl-C into a request to stop after the current step."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: leave Ctrl-C alone
@@ -287,7 +287,7 @@ def _train(
     step = start
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc=config.prompt[:40], disable=not progress, unit="it")
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         for step in range(start, config.steps):
             if stop.requested:
                 break

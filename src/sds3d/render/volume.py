@@ -15,16 +15,30 @@ With `latent=True` the field's and background's latent heads are composited inst
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from sds3d.cameras import Cameras, camera_rays
-from sds3d.devices import device_generator
-from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRF
+from sds3d.devices import Generators, device_generator, draw_rows
+from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRFConfig
 
 Shading = Literal["albedo", "lambertian", "textureless"]
+
+
+class RadianceField(Protocol):
+    """What the renderer queries: HashGridNeRF, or some scenes of a stack (nerf_stack.SceneView)."""
+
+    config: HashGridNeRFConfig
+
+    def __call__(self, points: torch.Tensor, latent: bool = False) -> DensityAlbedo: ...
+
+    def normals(
+        self, points: torch.Tensor, create_graph: bool, latent: bool = False
+    ) -> tuple[DensityAlbedo, torch.Tensor]: ...
+
+
 INFERENCE_CHUNK = 32768  # points per field query without autograd (measured fastest on a 2-core CPU)
 
 
@@ -160,7 +174,7 @@ _shade_and_composite_compiled = torch.compile(_shade_and_composite)
 
 
 def render(
-    nerf: HashGridNeRF,
+    nerf: RadianceField,
     background: Background,
     cameras: Cameras,
     num_samples: int,
@@ -171,7 +185,7 @@ def render(
     need_normals: bool = False,
     normals_create_graph: bool = False,
     random_background: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,  # SceneGenerators: the cameras are K scenes' (batch.py)
     latent: bool = False,
 ) -> RenderOutput:
     if latent and shading != "albedo":
@@ -185,7 +199,11 @@ def render(
     far = torch.where(hit, far, near)
     # 1. Stratified sample positions inside the cube.
     u = (
-        torch.rand(r, num_samples, generator=device_generator(generator, rays_o.device), device=rays_o.device)
+        draw_rows(
+            device_generator(generator, rays_o.device),
+            r,
+            lambda n, gk: torch.rand(n, num_samples, generator=gk, device=rays_o.device),
+        )  # fmt: skip
         if stratified
         else torch.full((r, num_samples), 0.5, device=rays_o.device)
     ).to(rays_o.dtype)

@@ -43,8 +43,8 @@ class HashGridConfig:
     # (benchmarks/speed_hash_grid_*.md).
     kernel: Literal["auto", "torch", "triton"] = "torch"
 
-    def build(self) -> HashGrid:
-        return HashGrid(self)
+    def build(self, scenes: int = 1) -> HashGrid:
+        return HashGrid(self, scenes)
 
 
 def level_resolutions(config: HashGridConfig) -> list[int]:
@@ -72,19 +72,21 @@ def corner_index(corner: torch.Tensor, resolution: int, table_size: int) -> torc
 
 
 class HashGrid(nn.Module):
-    """Points in [0, 1]³ → [N, L·F] features."""
+    """Points in [0, 1]³ → [N, L·F] features. With `scenes` = K > 1, K independent grids in one
+    table (scene k's L·T rows after the k-th block), queried with each point's scene (`scene`, [N])."""
 
     _resolutions: torch.Tensor
     _corner_offsets: torch.Tensor
 
-    def __init__(self, config: HashGridConfig):
+    def __init__(self, config: HashGridConfig, scenes: int = 1):
         super().__init__()
         self.config = config
+        self.scenes = scenes
         self.table_size = 2**config.log2_table_size
         self.resolutions = level_resolutions(config)
         # One table of T rows per level, stored flat; dense levels use only their first (N+1)³ rows.
         self.tables = nn.Parameter(
-            (torch.rand(config.num_levels * self.table_size, config.features_per_level) * 2 - 1)
+            (torch.rand(scenes * config.num_levels * self.table_size, config.features_per_level) * 2 - 1)
             * config.init_scale
         )
         self.register_buffer(
@@ -101,7 +103,7 @@ class HashGrid(nn.Module):
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         kernel = self.config.kernel
-        if kernel == "torch":
+        if kernel == "torch" or self.scenes > 1:
             return False
         why = (
             "Triton is not installed or no CUDA device" if not hashgrid_triton.available()
@@ -114,13 +116,15 @@ class HashGrid(nn.Module):
             raise RuntimeError(f"hash-grid kernel 'triton' cannot run here: {why}")
         return why is None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3] in [0, 1] -> [N, L·F]
-        if self._use_triton(x):
+    def forward(
+        self, x: torch.Tensor, scene: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [N, 3] in [0, 1] -> [N, L·F]
+        if scene is None and self._use_triton(x):
             features, _ = hashgrid_triton.hash_grid_encode(
                 x, self.tables, self._resolutions, self._dense_sides, self.table_size, False
             )
             return features
-        w, _, feats = self._corners(x, spatial_gradient=False)
+        w, _, feats = self._corners(x, spatial_gradient=False, scene=scene)
         # Σ_c w·f as a broadcast product: an einsum here becomes N·L tiny fp32 matmuls on a GPU.
         return (w[..., None] * feats).sum(dim=2).reshape(x.shape[0], -1)
 
@@ -139,7 +143,7 @@ class HashGrid(nn.Module):
         return features, d_features
 
     def _corners(
-        self, x: torch.Tensor, spatial_gradient: bool
+        self, x: torch.Tensor, spatial_gradient: bool, scene: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Trilinear weights w [N, L, 8], optionally ∂w/∂x [N, L, 8, 3], and the 8 corner features
         [N, L, 8, F] of every level."""
@@ -171,6 +175,8 @@ class HashGrid(nn.Module):
                 )
                 idx = torch.remainder(idx, self.table_size)
             index[:, level] = idx.reshape(n, 8) + level * self.table_size
+        if scene is not None:  # each point reads its own scene's block of rows
+            index += (scene * (num_levels * self.table_size)).to(index_dtype)[:, None, None]
         # index_select: its backward (index_add_) is deterministic on the CPU, unlike indexing.
         feats = self.tables.index_select(0, index.reshape(-1)).reshape(n, num_levels, 8, -1)  # [N, L, 8, F]
         dw = None

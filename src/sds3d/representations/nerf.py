@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sds3d.devices import device_generator
+from sds3d.devices import Generators, device_generator, draw_rows
 from sds3d.representations.encodings import HashGridConfig
 
 
@@ -216,7 +216,7 @@ class Background(nn.Module):
     def forward(
         self,
         dirs: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         random: bool = True,
         latent: bool = False,
     ) -> torch.Tensor:  # dirs [B, H, W, 3]
@@ -226,7 +226,8 @@ class Background(nn.Module):
             return raw[..., 3:] if latent else torch.sigmoid(raw[..., :3])
         if self.config.kind == "random" and random:
             g = device_generator(generator, dirs.device)
-            color = torch.rand(b, 1, 1, 3, generator=g, device=dirs.device).to(dirs.dtype)
+            color = draw_rows(g, b, lambda n, gk: torch.rand(n, 1, 1, 3, generator=gk, device=dirs.device))
+            color = color.to(dirs.dtype)
         else:
             color = self.color.to(dirs.dtype).expand(b, 1, 1, 3)
         if latent:

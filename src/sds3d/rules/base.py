@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from sds3d import diffusion
 from sds3d.cameras import Cameras, concat_cameras
-from sds3d.devices import device_generator
+from sds3d.devices import Generators, device_generator, draw_rows
 from sds3d.guidance.base import Prior
 
 if TYPE_CHECKING:
@@ -41,7 +41,14 @@ class RuleOutput:
 
 
 class Rule(nn.Module):
-    """Base class of rules: `forward` is the rule; `config` its settings."""
+    """Base class of rules: `forward` is the rule; `config` its settings.
+
+    `batchable`: one call can serve a batch of independent scenes (batch.py): the rows of every
+    input are scene by scene, its randomness comes from `draw_timesteps` and `gaussian_like` (one
+    generator per scene), its losses are batch means, and it holds nothing that depends on the
+    run's prompt or is trained (`prepare`, `param_groups`)."""
+
+    batchable: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
         super().__init__()
@@ -75,19 +82,24 @@ def to_model_space(prior: Prior, rgb: torch.Tensor, rgb_as_latents: bool) -> tor
 
 
 def draw_timesteps(
-    c: SDSRuleConfig, prior: Prior, step_ratio: float, batch: int, generator: torch.Generator | None,
+    c: SDSRuleConfig, prior: Prior, step_ratio: float, batch: int, generator: Generators,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Generator | None]:  # fmt: skip
+) -> tuple[torch.Tensor, Generators]:  # fmt: skip
     """t ~ the config's schedule at `step_ratio` [B] long, and the generator the rest of the step
-    draws from: on a GPU one seeded from the run's generator (no host copy, no sync), else the run's."""
+    draws from: on a GPU one seeded from the run's generator (no host copy, no sync), else the run's.
+    A batch of scenes (`SceneGenerators`) draws each scene's rows from its own generator."""
     bounds = diffusion.timestep_bounds(c.t_schedule, step_ratio, c.t_min, c.t_max, c.t_max_end, c.t_drop_at)
     g = device_generator(generator, device)
-    return diffusion.sample_timesteps(batch, bounds, prior.num_train_timesteps, g, device), g
+    t = draw_rows(
+        g, batch, lambda n, gk: diffusion.sample_timesteps(n, bounds, prior.num_train_timesteps, gk, device)
+    )
+    return t, g
 
 
-def gaussian_like(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+def gaussian_like(x: torch.Tensor, g: Generators) -> torch.Tensor:
     """ε ~ N(0, I) shaped as x, drawn in float32 (so a seed means the same ε in any dtype)."""
-    return torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device).to(x)
+    draw = lambda n, gk: torch.randn((n, *x.shape[1:]), generator=gk, dtype=torch.float32, device=x.device)
+    return draw_rows(g, x.shape[0], draw).to(x)
 
 
 def predict_guided(

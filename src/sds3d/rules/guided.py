@@ -133,6 +133,7 @@ def perpendicular_component(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class PerpNegRule(Rule):
     config: PerpNegRuleConfig
+    batchable = False  # the other views' texts come from the run's own prompt
 
     def __init__(self, config: PerpNegRuleConfig):
         super().__init__(config)

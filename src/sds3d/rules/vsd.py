@@ -35,6 +35,7 @@ from torch import nn
 
 from sds3d import diffusion
 from sds3d.cameras import Cameras
+from sds3d.devices import SceneGenerators
 from sds3d.guidance.base import Prior
 from sds3d.rules.base import (
     Rule,
@@ -112,6 +113,7 @@ def camera_vectors(cameras: Cameras | None, batch: int, device: torch.device) ->
 
 class VSDRule(Rule):
     config: VSDRuleConfig
+    batchable = False  # a particle score trained on this run's renders
 
     def __init__(self, config: VSDRuleConfig):
         super().__init__(config)
@@ -159,6 +161,7 @@ class VSDRule(Rule):
         b = x.shape[0]
         # 1. The scene's gradient: g = w(t)(ε̂ − ε_φ), ε_φ = ε_y + h_φ.
         t, g = draw_timesteps(c, prior, step_ratio, b, generator, x.device)
+        assert not isinstance(g, SceneGenerators), "VSD trains one particle score per run (batchable = False)"
         noise = gaussian_like(x, g)
         camera = camera_vectors(cameras, b, x.device)
         with torch.no_grad():
