@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +52,8 @@ from sds3d.train import (
 )  # fmt: skip
 
 INDEX = "index.json"
+# Meshes are made on threads beside training: marching cubes and the mesh turntable run on the CPU.
+EXPORT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 CONTACT_SHEET = "contact_sheet.png"
 
 
@@ -378,16 +382,18 @@ def run_batch(
     progress: bool = True,
     prior: Prior | None = None,
     log=print,
+    limit: int | None = None,
 ) -> list[BatchItem]:
     """`sds3d batch`: every (prompt, seed) trained and exported into `out_dir`, `scenes` at a time, with
-    one prior. Writes `out_dir/index.json` after every result and a contact sheet at the end."""
+    one prior (only the first `limit` (prompt, seed) pairs with `limit`). Writes `out_dir/index.json`
+    after every batch and a contact sheet at the end."""
     from sds3d.train import build_prior
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = plan_items(prompts, seeds, out_dir)
+    items = plan_items(prompts, seeds, out_dir)[:limit]
     meta = {"preset": base.preset, "device": base.device, "scenes_per_batch": scenes, "seeds": list(seeds),
             "command": "sds3d " + " ".join(sys.argv[1:])}  # fmt: skip
     todo = []
@@ -413,10 +419,17 @@ def run_batch(
         if not stackable:
             log(f"sds3d: note: {stack_problem(base)} cannot be stacked; scenes train one at a time")
         waves = _waves(todo, base, scenes if stackable else 1)
-        for n, wave in enumerate(waves, 1):
-            log(f"sds3d: batch {n}/{len(waves)}: {len(wave)} scene(s)")
-            _run_wave(base, wave, prior, progress, stackable)
-            _write_index(out_dir, items, meta)
+        # Meshes and turntables of one batch are made on a thread while the next one trains.
+        with ThreadPoolExecutor(max_workers=EXPORT_THREADS) as exporter:
+            pending: list[Future] = []
+            for n, wave in enumerate(waves, 1):
+                log(f"sds3d: batch {n}/{len(waves)}: {len(wave)} scene(s)")
+                for item, config, result in _train_wave(base, wave, prior, progress, stackable):
+                    pending.append(exporter.submit(_export_item, item, config, result))
+                _write_index(out_dir, items, meta)
+            for future in pending:
+                future.result()
+        _write_index(out_dir, items, meta)
     write_contact_sheet(out_dir, items)
     return items
 
@@ -430,8 +443,10 @@ def _waves(todo: Sequence[BatchItem], base: RunConfig, size: int) -> list[list[B
     return [group[i : i + size] for group in by_start.values() for i in range(0, len(group), size)]
 
 
-def _run_wave(base: RunConfig, wave: list[BatchItem], prior: Prior, progress: bool, stackable: bool) -> None:
-    from sds3d.api import export_run, write_summary
+def _train_wave(
+    base: RunConfig, wave: list[BatchItem], prior: Prior, progress: bool, stackable: bool
+) -> list[tuple[BatchItem, RunConfig, TrainOutput]]:
+    """Train one wave; items that failed are marked. → the trained ones, to export."""
     from sds3d.train import train
 
     configs = [replace(base, prompt=i.prompt, seed=i.seed) for i in wave]
@@ -445,21 +460,29 @@ def _run_wave(base: RunConfig, wave: list[BatchItem], prior: Prior, progress: bo
     except (UserError, RuntimeError, ValueError) as err:  # the whole wave failed (out of memory, say)
         for item in wave:
             item.status, item.error = "failed", str(err).splitlines()[0]
-        return
+        return []
+    trained = []
     for item, config, result in zip(wave, configs, results, strict=True):
         if isinstance(result, Exception):
             item.status, item.error = "failed", str(result)
-            continue
-        if result.interrupted:
+        elif result.interrupted:
             raise KeyboardInterrupt
-        try:
-            t0 = time.perf_counter()
-            files = export_run(item.run_dir, config.device)
-            write_summary(config, item.run_dir, result, files, time.perf_counter() - t0)
-            _finished(item)
-            item.status = "done"
-        except UserError as err:  # an empty scene: nothing to mesh
-            item.status, item.error = "failed", str(err)
+        else:
+            trained.append((item, config, result))
+    return trained
+
+
+def _export_item(item: BatchItem, config: RunConfig, result: TrainOutput) -> None:
+    from sds3d.api import export_run, write_summary
+
+    try:
+        t0 = time.perf_counter()
+        files = export_run(item.run_dir, config.device)
+        write_summary(config, item.run_dir, result, files, time.perf_counter() - t0)
+        _finished(item)
+        item.status = "done"
+    except UserError as err:  # an empty scene: nothing to mesh
+        item.status, item.error = "failed", str(err)
 
 
 def write_contact_sheet(out_dir: Path, items: Sequence[BatchItem], views: int = 4) -> Path | None:

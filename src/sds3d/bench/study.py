@@ -46,12 +46,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sds3d.batch import EXPORT_THREADS
 from sds3d.config import ConfigError, RunConfig, from_dict, preset, to_dict
 from sds3d.errors import UserError
 from sds3d.prior.data import HELD_OUT
@@ -241,23 +243,64 @@ class CellRunner:
         return self.priors[key]
 
     def __call__(self, cell: Cell) -> dict:
-        from sds3d.bench.quality import score_run
-        from sds3d.export import EmptySceneError, write_mesh
-        from sds3d.train import load_scene, train
+        from sds3d.train import train
 
         config = from_dict(RunConfig, json.loads(cell.config_json))
-        obj = parse_prompt(cell.prompt)
-        assert obj is not None
-        run_dir = self.work_dir / cell.key
-        shutil.rmtree(run_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        row: dict[str, Any]
-        train_seconds = math.nan
+        run_dir = self._fresh(cell)
         try:
             prior = self.prior(config)
             t0 = time.perf_counter()  # the prior's loading is not the cell's
             train(config, run_dir, progress=False, prior=prior)
-            train_seconds = time.perf_counter() - t0
+        except UserError as err:  # a divergence: a failed cell
+            return self._finish(cell, config, err, math.nan, time.perf_counter())
+        return self._finish(cell, config, None, time.perf_counter() - t0, t0)
+
+    def run_wave(self, wave: Sequence[Cell]) -> list[dict]:
+        """Cells of one stack key (batch.stack_key) trained together (batch.train_scenes), then meshed
+        and scored on threads. A bug fails the whole wave: each cell is reported, none kept."""
+        from sds3d.batch import train_scenes
+
+        if len(wave) == 1:
+            return [self.guarded(wave[0])]
+        try:
+            configs = [from_dict(RunConfig, json.loads(c.config_json)) for c in wave]
+            run_dirs = [self._fresh(c) for c in wave]
+            prior = self.prior(configs[0])
+            t0 = time.perf_counter()
+            results = train_scenes(configs, run_dirs, prior, resume=False, progress=False)
+            seconds = time.perf_counter() - t0
+            with ThreadPoolExecutor(max_workers=EXPORT_THREADS) as pool:
+                futures = [
+                    pool.submit(self._finish, cell, config, result if isinstance(result, Exception) else None,
+                                seconds, t0, len(wave))
+                    for cell, config, result in zip(wave, configs, results, strict=True)
+                ]  # fmt: skip
+                return [f.result() for f in futures]
+        except Exception as err:
+            return [{"key": c.key, "error": f"{type(err).__name__}: {err}"} for c in wave]
+
+    def _fresh(self, cell: Cell) -> Path:
+        run_dir = self.work_dir / cell.key
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return run_dir
+
+    def _finish(
+        self, cell: Cell, config: RunConfig, failed: Exception | None, train_seconds: float, t0: float,
+        scenes: int = 1,
+    ) -> dict:  # fmt: skip
+        """Mesh and score a trained cell (or record why it failed), write its json, clear its folder."""
+        from sds3d.bench.quality import score_run
+        from sds3d.export import EmptySceneError, write_mesh
+        from sds3d.runs import write_atomic
+        from sds3d.train import load_scene
+
+        obj = parse_prompt(cell.prompt)
+        assert obj is not None
+        run_dir = self.work_dir / cell.key
+        row: dict[str, Any]
+        try:
+            if failed is not None:
+                raise failed
             _, scene, _ = load_scene(run_dir, config.device)
             write_mesh(scene.to_mesh(config.export), run_dir)
             row = score_run(run_dir, obj, config.device)
@@ -267,9 +310,7 @@ class CellRunner:
         result = {"key": cell.key, "point": [list(p) for p in cell.point], "seed": cell.seed,
                   "prompt": cell.prompt, "true_shape": obj.shape, **row,
                   "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(train_seconds, 1),
-                  "device": config.device}  # fmt: skip
-        from sds3d.runs import write_atomic
-
+                  "device": config.device, "scenes": scenes}  # fmt: skip
         write_atomic(self.cells_dir / f"{cell.key}.json", json.dumps(result))
         shutil.rmtree(run_dir, ignore_errors=True)
         return result
@@ -288,25 +329,46 @@ def _worker(cells_dir: str, work_dir: str, threads: int, tasks, results) -> None
 
     torch.set_num_threads(threads)
     runner = CellRunner(Path(cells_dir), Path(work_dir))
-    while (cell := tasks.get()) is not None:
-        results.put(runner.guarded(cell))
+    while (wave := tasks.get()) is not None:
+        for row in runner.run_wave(wave):
+            results.put(row)
+
+
+def waves(todo: Sequence[Cell], scenes: int) -> list[list[Cell]]:
+    """`todo` in groups of at most `scenes` cells that can train together (batch.stack_key), in the
+    order of their last cell (so seed by seed, as `cells` orders them)."""
+    from sds3d.batch import stack_key
+    from sds3d.representations.nerf_stack import stack_problem
+
+    out: list[list[Cell]] = []
+    open_: dict[str, list[Cell]] = {}
+    for cell in todo:
+        config = from_dict(RunConfig, json.loads(cell.config_json))
+        key = stack_key(config) if scenes > 1 and stack_problem(config) is None else cell.key
+        group = open_.setdefault(key, [])
+        group.append(cell)
+        if len(group) >= scenes or key == cell.key:
+            out.append(open_.pop(key))
+    return out + list(open_.values())
 
 
 def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: int,
-              on_result: Callable[[dict], None]) -> None:  # fmt: skip
-    """Run `todo`, in this process (workers = 1) or in `workers` processes (each with its priors)."""
+              on_result: Callable[[dict], None], scenes: int = 1) -> None:  # fmt: skip
+    """Run `todo`, in this process (workers = 1) or in `workers` processes (each with its priors),
+    `scenes` cells trained together where their configs allow it."""
     if workers <= 1:
         runner = CellRunner(cells_dir, work_dir)
-        for cell in todo:
-            on_result(runner.guarded(cell))
+        for wave in waves(todo, scenes):
+            for row in runner.run_wave(wave):
+                on_result(row)
         return
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker, args=(str(cells_dir), str(work_dir), threads, tasks, results), daemon=True)
              for _ in range(workers)]  # fmt: skip
-    for cell in todo:
-        tasks.put(cell)
+    for wave in waves(todo, scenes):
+        tasks.put(wave)
     for _ in procs:
         tasks.put(None)
     for p in procs:
@@ -589,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="where cells train (cpu, cuda)")
     parser.add_argument("--workers", type=int, default=1, help="cells at a time, each worker its own process")
+    parser.add_argument("--scenes", type=int, default=1,
+                        help="cells trained together in one worker (sds3d batch's stacked scenes; K)")  # fmt: skip
     parser.add_argument(
         "--dir", type=Path, help="where cells are kept, shared by studies (default runs/study-cells)"
     )
@@ -605,8 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             dataclasses.replace(s, name=f"{s.name}_quick", seeds=[0], prompts=list(QUICK_PROMPTS))
             for s in specs
         ]
-    if args.workers < 1:
-        raise UserError(f"--workers must be 1 or more, not {args.workers}")
+    if args.workers < 1 or args.scenes < 1:
+        raise UserError(f"--workers and --scenes must be 1 or more, not {min(args.workers, args.scenes)}")
     from sds3d import runs
 
     study_dir = args.dir or Path("runs") / "study-cells"
@@ -645,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.write(f"cell {row['key']} failed: {row['error']}")
 
             try:
-                run_cells(todo, cells_dir, work_dir, args.workers, on_result)
+                run_cells(todo, cells_dir, work_dir, args.workers, on_result, args.scenes)
             except KeyboardInterrupt:
                 bar.close()
                 print(f"\ninterrupted: {len(read_cells(cells_dir))} cells kept in {cells_dir}; run the same "

@@ -54,6 +54,8 @@ def stack_problem(config: RunConfig) -> str | None:
         return "a compiled NeRF"
     if config.stages:
         return "stages (a latent warm-up)"
+    if config.rule.kind in ("vsd", "esd"):
+        return f"the {config.rule.kind} rule (a particle score trained per scene)"
     return None
 
 

@@ -1,0 +1,135 @@
+"""`python -m sds3d.bench.batch`: prompts per hour of `sds3d batch` at K scenes a time, against
+sequential `sds3d generate` processes (what one does without it), on one machine in one go.
+
+    python -m sds3d.bench.batch [--device cuda] [--scenes 1,4,16,64] [--prompts 64] [--sequential 4]
+                                [--steps 800] [--out benchmarks]
+
+Every K trains and exports max(K, --prompts-min) world prompts (the 30 world prompts, then again
+with the next seed) with the default preset; the prior is built once per K (its load and, on a GPU,
+its compilation are timed apart: `load_s`), and `prompts/h` is results over the batch's wall time,
+training and export together. `--sequential N` times N separate `sds3d generate` processes, process
+start-up and prior loading included. GPU memory is torch's peak allocation during the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sds3d.bench.report import describe_machine, write_report
+from sds3d.config import DiffusersGuidanceConfig, preset
+from sds3d.world.shapes import all_objects
+
+
+def world_items(n: int) -> tuple[list[str], list[int]]:
+    """n (prompt, seed) pairs as prompt and seed lists whose product starts with them."""
+    prompts = [o.prompt for o in all_objects()]
+    seeds = list(range(-(-n // len(prompts))))
+    return prompts, seeds
+
+
+def measure_batch(k: int, n: int, device: str, steps: int, compile: bool, work: Path) -> dict:
+    from sds3d.batch import run_batch
+    from sds3d.train import build_prior
+
+    config = dataclasses.replace(preset("default"), device=device, steps=steps, validate_every=0)
+    if compile and isinstance(config.guidance, DiffusersGuidanceConfig):
+        config.guidance = dataclasses.replace(config.guidance, compile=True, compile_mode="reduce-overhead")
+    cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
+    prior = build_prior(config)
+    load_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    prompts, seeds = world_items(n)
+    t0 = time.perf_counter()
+    items = run_batch(config, prompts, seeds, work / f"k{k}", k, progress=False, prior=prior, log=lambda *a: None,
+                      limit=n)  # fmt: skip
+    wall = time.perf_counter() - t0
+    done = sum(i.status == "done" for i in items)
+    train = [i.train_wall_s for i in items if i.train_wall_s is not None]
+    return {
+        "scenes": k, "prompts": n, "done": done, "load_s": round(load_s, 1), "wall_s": round(wall, 1),
+        "prompts_per_hour": round(done * 3600 / wall, 1),
+        "train_wall_s_per_wave": round(max(train), 1) if train else None,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+    }  # fmt: skip
+
+
+def measure_sequential(n: int, device: str, steps: int, work: Path) -> dict:
+    prompts, _ = world_items(n)
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts[:n]):
+        cmd = [sys.executable, "-m", "sds3d.cli", "generate", prompt, "--device", device, "--steps", str(steps),
+               "--out", str(work / f"seq{i}"), "--no-progress"]  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    return {"prompts": n, "wall_s": round(wall, 1), "prompts_per_hour": round(n * 3600 / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sds3d.bench.batch", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scenes", default="1,4,16,64", help="comma-separated K")
+    parser.add_argument("--prompts-min", type=int, default=16, help="each K makes max(K, this) results")
+    parser.add_argument(
+        "--sequential", type=int, default=4, help="separate `sds3d generate` runs to time (0: none)"
+    )
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                        help="the prior compiled with CUDA graphs (auto: on a GPU)")  # fmt: skip
+    parser.add_argument("--name", default=None, help="report name (default: batch_<cpu|gpu>)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    args = parser.parse_args(argv)
+    scenes = [int(k) for k in args.scenes.split(",")]
+    compile = args.compile == "yes" or (args.compile == "auto" and args.device.startswith("cuda"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sequential = (
+            measure_sequential(args.sequential, args.device, args.steps, work) if args.sequential else None
+        )
+        if sequential:
+            print(f"sequential: {sequential}", flush=True)
+        for k in scenes:
+            rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work))
+            print(rows[-1], flush=True)
+    base = sequential["prompts_per_hour"] if sequential else None
+    command = "python -m sds3d.bench.batch " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = describe_machine()
+    lines = [
+        f"# `sds3d batch` throughput ({args.device}, default preset, {args.steps} steps)", "",
+        f"Command: `{command}`", "",
+        f"Machine: {machine['gpu'] if args.device.startswith('cuda') else machine['cpu']}, {machine['cores']} cores, "
+        f"torch {machine['torch']}; prior compiled with CUDA graphs: {'yes' if compile else 'no'}.", "",
+        "Each K trains and exports its prompts K at a time in one process (the prior built once, timed "
+        "apart as load); prompts/h counts finished meshes over the batch's wall time, training and export "
+        "(on a thread, overlapping the next batch's training) together.", "",
+    ]  # fmt: skip
+    if sequential:
+        lines += [f"Sequential `sds3d generate` processes ({sequential['prompts']} prompts, start-up and loading "
+                  f"included): **{sequential['prompts_per_hour']:.0f} prompts/h** ({sequential['wall_s']} s).", ""]  # fmt: skip
+    lines += [
+        "| K | prompts | done | load s | wall s | prompts/h | × sequential | peak GPU GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = f"{r['prompts_per_hour'] / base:.1f}×" if base else "–"
+        gpu = "–" if r["peak_gpu_memory_gb"] is None else r["peak_gpu_memory_gb"]
+        lines.append(f"| {r['scenes']} | {r['prompts']} | {r['done']} | {r['load_s']} | {r['wall_s']} | "
+                     f"{r['prompts_per_hour']:.0f} | {speedup} | {gpu} |")  # fmt: skip
+    name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+    write_report(args.out, name, {"command": command, "machine": machine, "device": args.device, "steps": args.steps,
+                                  "compile": compile, "sequential": sequential, "batch": rows}, lines)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
