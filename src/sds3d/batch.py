@@ -237,11 +237,10 @@ def _train_scenes(
             for ids in groups.values():
                 rule = scenes[ids[0]].rule
                 sub = SceneGenerators([generators.generators[i] for i in ids])
-                rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i in ids]).to(device)
                 g = rule(
                     prior, torch.cat([outs[i].rgb for i in ids]), [t for i in ids for t in conds[i]],
                     [t for i in ids for t in unconds[i]], step_ratio,
-                    cameras=cameras if len(ids) == k_all else _select(cameras, rows),
+                    cameras=cameras if len(ids) == k_all else _select(cameras, ids, per),
                     generator=cast(torch.Generator, sub if len(ids) > 1 else sub.generators[0]),
                 )  # fmt: skip
                 for name, value in g.losses.items():  # batch means → the sum of the scenes' own losses
@@ -289,9 +288,11 @@ def _train_scenes(
     return results
 
 
-def _select(cameras: Cameras, rows: torch.Tensor) -> Cameras:
+def _select(cameras: Cameras, ids: list[int], per: int) -> Cameras:
+    """The cameras of scenes `ids` (each has `per`)."""
     from sds3d.representations.nerf_stack import select_cameras
 
+    rows = torch.tensor([i * per + j for i in ids for j in range(per)], device=cameras.c2w.device)
     return select_cameras(cameras, rows)
 
 

@@ -139,6 +139,7 @@ class NeRFStack(nn.Module):
         self.field = StackedHashGridNeRF(first.nerf.config, len(scenes))
         self.background = copy.deepcopy(first.background)  # solid or random: no parameters
         self.renderer, self.weights = first.renderer, first.weights
+        self._id_tensors: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         with torch.no_grad():
             for k, scene in enumerate(scenes):
                 self.load_scene(k, scene)
@@ -199,14 +200,16 @@ class NeRFStack(nn.Module):
         device = cameras.c2w.device
         for shading in dict.fromkeys(shadings):
             ids = [i for i in range(k) if shadings[i] == shading]
-            rows = torch.tensor([i * per + j for i in ids for j in range(per)], device=device)
-            group = len(ids) == k
+            group = len(ids) == k  # every scene: no selection (and no host-to-device copies)
+            rows = (
+                None if group else torch.tensor([i * per + j for i in ids for j in range(per)], device=device)
+            )
             out = render(
-                self.field.view(torch.tensor(ids, device=device)), self.background,
-                cameras if group else select_cameras(cameras, rows), self.renderer.num_samples,
+                self.field.view(self._ids(ids, device)), self.background,
+                cameras if rows is None else select_cameras(cameras, rows), self.renderer.num_samples,
                 shading=shading,
                 light_positions=None if shading == "albedo" or light_positions is None
-                else (light_positions if group else light_positions[rows]),
+                else (light_positions if rows is None else light_positions[rows]),
                 ambient=self.renderer.ambient, stratified=True, need_normals=oriented,
                 normals_create_graph=oriented,
                 generator=generators if group else SceneGenerators([generators.generators[i] for i in ids]),
@@ -216,6 +219,13 @@ class NeRFStack(nn.Module):
             for i, part in zip(ids, split_output(out, len(ids)), strict=True):
                 outs[i] = part
         return [o for o in outs if o is not None], terms
+
+    def _ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """The scene indices as a tensor on `device`, made once per distinct set."""
+        key = (tuple(ids), str(device))
+        if key not in self._id_tensors:
+            self._id_tensors[key] = torch.tensor(ids, device=device)
+        return self._id_tensors[key]
 
     def _regularizers(self, out: RenderOutput, scenes: int, step_ratio: float) -> dict[str, torch.Tensor]:
         """Σ over the scenes of a render of each one's regularisers (NeRFScene.regularizers): the
