@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device lease of the batch benchmark (benchmarks/batch_gpu.md): install the carried wheels, check
+# `sds3d batch` on the GPU with and without the compiled prior, then time K = 64, 16, 4, 1 against
+# sequential `sds3d generate` processes. The report comes back in $OUT/.
+#   bash scripts/device_batch.sh [SEQUENTIAL] [SCENES]
+set -uo pipefail
+seq=${1:-3} scenes=${2:-64,16,4,1}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+nvidia-smi -L; nproc
+printf 'a red cube\na blue torus\n' > /tmp/p2.txt
+compile=no
+if timeout 240 python3 -m sds3d.cli batch /tmp/p2.txt --device cuda --steps 30 --scenes 2 --out /tmp/s1 --compile yes \
+     --no-progress > /tmp/s1.log 2>&1; then compile=yes; else tail -5 /tmp/s1.log; fi
+echo "compiled smoke: $compile"; date
+python3 -m sds3d.bench.batch --device cuda --scenes "$scenes" --sequential "$seq" --compile "$compile" \
+  --out "$OUT" 2>&1 | grep -v Warning | tail -30
+date
