@@ -27,7 +27,7 @@ if [ $snap = 1 ]; then
        --out pa --name prior_accuracy_step$n >> pa/prior.log 2>&1
    done; echo prior-done >> pa/prior.log) &
 fi
-timeout -k 15 -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --no-plots \
+timeout -k 15 -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --scenes "${SCENES:-1}" --no-plots \
   --out /tmp/rep > /tmp/study.log 2>&1
 date; tr '\r' '\n' < /tmp/study.log | grep -v '^ *$' > "$OUT/study.log"; tail -n 3 "$OUT/study.log"
 echo "cells: $(ls runs/study-cells/cells | wc -l)"
