@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -137,10 +137,12 @@ def train_scenes(
     prior: Prior,
     resume: bool = True,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[TrainOutput | Exception]:
     """Train K scenes of one configuration (`stack_key`) together; each run folder as `train` would
     leave it. `resume`: folders with a checkpoint continue from it (all at one step). The run folders
-    are locked for the whole call. → per scene, its TrainOutput or the error that stopped it."""
+    are locked for the whole call; `on_step(done)` is called after each step (tests, benchmarks).
+    → per scene, its TrainOutput or the error that stopped it."""
     if len({stack_key(c) for c in configs}) != 1:
         raise ValueError("train_scenes needs configs that differ only in prompt, seed and rule")
     if (why := stack_problem(configs[0])) is not None:
@@ -148,12 +150,13 @@ def train_scenes(
     with contextlib.ExitStack() as held:
         for run_dir in run_dirs:
             held.enter_context(runs.locked(Path(run_dir), create=True))
-        return _train_scenes(list(configs), [Path(d) for d in run_dirs], prior, resume, progress)
+        return _train_scenes(list(configs), [Path(d) for d in run_dirs], prior, resume, progress, on_step)
 
 
 def _train_scenes(
-    configs: list[RunConfig], run_dirs: list[Path], prior: Prior, resume: bool, progress: bool
-) -> list[TrainOutput | Exception]:
+    configs: list[RunConfig], run_dirs: list[Path], prior: Prior, resume: bool, progress: bool,
+    on_step: Callable[[int], None] | None,
+) -> list[TrainOutput | Exception]:  # fmt: skip
     config = configs[0]
     device = config.device
     scenes: list[_Scene] = []
@@ -266,6 +269,8 @@ def _train_scenes(
                             s.config, stack.scene(k), s.run_dir / "validation" / f"step_{done:06d}.png"
                         )
             step = done
+            if on_step is not None:
+                on_step(done)
         else:
             step = steps
     bar.close()
