@@ -13,10 +13,12 @@ nvidia-smi -L; nproc
 mkdir -p runs
 if [ -f carried/results.tgz ]; then tar xzf carried/results.tgz runs; fi
 if [ -d carried/prior-snap ]; then cp -r carried/prior-snap runs/; fi
+if [ "${SMOKE:-1}" = 1 ]; then
 printf 'name="smoke"\nseeds=1\nprompts=["a red cube"]\n[base]\nsteps=50\n' > /tmp/smoke.toml
 python3 -m sds3d.cli study /tmp/smoke.toml --device cuda --dir /tmp/smoke --no-plots --out /tmp/smoke-out > /tmp/smoke.log 2>&1 \
   || { tail -20 /tmp/smoke.log; exit 1; }
-python3 -c "import json; c = json.load(open('/tmp/smoke-out/study_smoke.json'))['cells'][0]; print('smoke cell (50 steps):', c['seconds'], 's,', c['train_seconds'], 's training')"; date
+python3 -c "import json; c = json.load(open('/tmp/smoke-out/study_smoke.json'))['cells'][0]; print('smoke cell (50 steps):', c['seconds'], 's,', c['train_seconds'], 's training')"
+fi; date
 if [ $snap = 1 ]; then
   mkdir -p pa
   (python3 -m sds3d.cli prior train --out runs/prior-snap --device cuda --steps 1000 --compile --no-progress \
@@ -27,7 +29,8 @@ if [ $snap = 1 ]; then
        --out pa --name prior_accuracy_step$n >> pa/prior.log 2>&1
    done; echo prior-done >> pa/prior.log) &
 fi
-timeout -k 15 -s INT "$seconds" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" --scenes "${SCENES:-1}" --no-plots \
+timeout -k 15 -s INT "${HARD:-$((seconds + 240))}" python3 -m sds3d.cli study "$@" --device cuda --workers "$workers" \
+  --scenes "${SCENES:-1}" --time-limit "$seconds" --no-plots \
   --out /tmp/rep > /tmp/study.log 2>&1
 date; tr '\r' '\n' < /tmp/study.log | grep -v '^ *$' > "$OUT/study.log"; tail -n 3 "$OUT/study.log"
 echo "cells: $(ls runs/study-cells/cells | wc -l)"

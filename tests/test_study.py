@@ -30,7 +30,7 @@ steps = 2
 "export.grid_resolution" = 24
 "export.iso_candidates" = 4
 [axes]
-cfg = [20.0, 7.5]
+cfg = [3.0, 7.5]
 """
 
 
@@ -114,10 +114,10 @@ def test_one_axis_at_a_time_and_cross(tmp_path):
 def test_cells_share_settings_and_go_seed_by_seed(tmp_path):
     spec = study.load_spec(_spec(tmp_path, SMALL))
     cells = study.cells(spec, "cpu")
-    assert len(cells) == 3 * 2 * 2  # (base, 20, 7.5) × 2 seeds × 2 prompts
-    # s = 20 is the preset's own: the same cells as the base; 7.5 is not
+    assert len(cells) == 3 * 2 * 2  # (base, 3, 7.5) × 2 seeds × 2 prompts
+    # s = 3 is the preset's own: the same cells as the base; 7.5 is not
     keys = {c.point: {x.key for x in cells if x.point == c.point} for c in cells}
-    assert keys[()] == keys[(("cfg", 20.0),)] and keys[()].isdisjoint(keys[(("cfg", 7.5),)])
+    assert keys[()] == keys[(("cfg", 3.0),)] and keys[()].isdisjoint(keys[(("cfg", 7.5),)])
     assert [c.seed for c in cells] == [0] * 6 + [1] * 6
     config = json.loads(cells[-1].config_json)
     assert (config["seed"], config["steps"], config["export"]["grid_resolution"]) == (1, 2, 24)
@@ -182,10 +182,10 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert len(seen) == 1 and len(list((cells_dir / "cells").glob("*.json"))) == 1
     assert main(argv) == 0  # … resumed: the other three, not the first again
     assert len(seen) == 4 and len(set(seen)) == 4
-    assert {s for s, _, _ in seen} == {20.0, 7.5}
+    assert {s for s, _, _ in seen} == {3.0, 7.5}
     report = json.loads((out / "study_small.json").read_text())
     assert report["cells_done"] == report["cells_total"] == 4
-    assert report["points"]["cfg=7.5"]["cells"] == 2 and report["points"]["cfg=20.0"]["cells"] == 2
+    assert report["points"]["cfg=7.5"]["cells"] == 2 and report["points"]["cfg=3.0"]["cells"] == 2
     cell = report["cells"][0]
     assert {"shape", "iou", "psnr", "seconds", "train_seconds"} <= set(cell) and 0.0 <= cell["iou"] <= 1.0
     md = (out / "study_small.md").read_text()
@@ -296,3 +296,29 @@ def test_a_cell_that_hits_a_bug_is_reported_and_the_study_goes_on(tmp_path, monk
     todo = study.cells(study.load_spec(_spec(tmp_path, SMALL)), "cpu")[:2]
     study.run_cells(todo, tmp_path, tmp_path / "w", 1, got.append)
     assert [("error" in r) for r in got] == [True, False] and "RuntimeError: boom" in got[0]["error"]
+
+
+def test_waves_group_stackable_cells_and_leave_the_rest_alone_last(tmp_path):
+    spec = study.load_spec(_spec(tmp_path, SMALL.replace("cfg = [3.0, 7.5]", "rule = ['sds', 'vsd']\nsteps = [2, 3]")))
+    todo = study.cells(spec, "cpu")  # (base, sds = base, vsd, steps 2 = base, steps 3) × 2 seeds × 2 prompts
+    by_point = {p: [c for c in todo if c.point == p] for p in {c.point for c in todo}}
+    unique = list({c.key: c for c in todo}.values())
+    assert len(unique) == 3 * 2 * 2
+    groups = study.waves(unique, 3)
+    assert sorted(len(w) for w in groups) == [1, 1, 1, 1, 1, 1, 3, 3]  # 4 base: 3 + 1, 4 steps=3: 3 + 1, 4 vsd alone
+    vsd = {c.key for c in by_point[(("rule", "vsd"),)]}
+    assert {c.key for w in groups[-4:] for c in w} == vsd  # the cells that train alone come last
+    for wave in groups:  # a wave shares everything but prompt, seed and rule
+        assert len({json.loads(c.config_json)["steps"] for c in wave}) == 1
+    assert [[c.key for c in w] for w in study.waves(unique, 1)] == [[c.key] for c in unique]  # K = 1: in order
+
+
+def test_time_limit_starts_no_cell_after_it_and_still_reports(tmp_path, monkeypatch):
+    ran: list[str] = []
+    monkeypatch.setattr(study.CellRunner, "run_wave", lambda self, wave: ran.extend(c.key for c in wave) or [])
+    spec, out = _spec(tmp_path, SMALL), tmp_path / "out"
+    argv = ["study", str(spec), "--dir", str(tmp_path / "c"), "--out", str(out), "--no-plots"]
+    assert main([*argv, "--time-limit", "0"]) == 0 and ran == []
+    report = json.loads((out / "study_small.json").read_text())
+    assert report["cells_done"] == 0 and report["cells_total"] == 8
+    assert main([*argv, "--time-limit", "3600"]) == 0 and len(ran) == 8

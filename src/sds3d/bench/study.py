@@ -324,48 +324,64 @@ class CellRunner:
             return {"key": cell.key, "error": f"{type(err).__name__}: {err}"}
 
 
-def _worker(cells_dir: str, work_dir: str, threads: int, tasks, results) -> None:
+def _worker(cells_dir: str, work_dir: str, threads: int, tasks, results, deadline: float | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     runner = CellRunner(Path(cells_dir), Path(work_dir))
     while (wave := tasks.get()) is not None:
-        for row in runner.run_wave(wave):
+        for row in _skipped(wave) if _past(deadline) else runner.run_wave(wave):
             results.put(row)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
+def _skipped(wave: Sequence[Cell]) -> list[dict]:
+    """What a wave not started before the deadline reports: nothing kept, it runs next time."""
+    return [{"key": c.key, "skipped": True} for c in wave]
 
 
 def waves(todo: Sequence[Cell], scenes: int) -> list[list[Cell]]:
     """`todo` in groups of at most `scenes` cells that can train together (batch.stack_key), in the
-    order of their last cell (so seed by seed, as `cells` orders them)."""
+    order of their last cell (so seed by seed, as `cells` orders them); with `scenes` > 1 the cells
+    that must train alone (batch.stack_problem) come after the groups: per cell they cost the most,
+    so a study stopped early (--time-limit) has the most cells."""
     from sds3d.batch import stack_key
     from sds3d.representations.nerf_stack import stack_problem
 
     out: list[list[Cell]] = []
+    alone: list[list[Cell]] = []
     open_: dict[str, list[Cell]] = {}
     for cell in todo:
         config = from_dict(RunConfig, json.loads(cell.config_json))
-        key = stack_key(config) if scenes > 1 and stack_problem(config) is None else cell.key
-        group = open_.setdefault(key, [])
+        if scenes <= 1 or stack_problem(config) is not None:
+            alone.append([cell])
+            continue
+        group = open_.setdefault(stack_key(config), [])
         group.append(cell)
-        if len(group) >= scenes or key == cell.key:
-            out.append(open_.pop(key))
-    return out + list(open_.values())
+        if len(group) >= scenes:
+            out.append(open_.pop(stack_key(config)))
+    return (out + list(open_.values()) + alone) if scenes > 1 else alone
 
 
 def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: int,
-              on_result: Callable[[dict], None], scenes: int = 1) -> None:  # fmt: skip
+              on_result: Callable[[dict], None], scenes: int = 1, deadline: float | None = None) -> None:  # fmt: skip
     """Run `todo`, in this process (workers = 1) or in `workers` processes (each with its priors),
-    `scenes` cells trained together where their configs allow it."""
+    `scenes` cells trained together where their configs allow it. No wave starts after `deadline`
+    (a time.time()); those report {"key", "skipped"}."""
     if workers <= 1:
         runner = CellRunner(cells_dir, work_dir)
         for wave in waves(todo, scenes):
-            for row in runner.run_wave(wave):
+            for row in _skipped(wave) if _past(deadline) else runner.run_wave(wave):
                 on_result(row)
         return
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker, args=(str(cells_dir), str(work_dir), threads, tasks, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(str(cells_dir), str(work_dir), threads, tasks, results, deadline),
+                         daemon=True)
              for _ in range(workers)]  # fmt: skip
     for wave in waves(todo, scenes):
         tasks.put(wave)
@@ -659,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="where the report goes")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from the cells found")
     parser.add_argument("--limit", type=int, help="run at most N of the missing cells, then report")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no cell after SECONDS (those running finish), then report")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look on a CPU: seed 0 and {len(QUICK_PROMPTS)} prompts (one per shape); report study_NAME_quick")  # fmt: skip
@@ -703,13 +721,18 @@ def main(argv: list[str] | None = None) -> int:
             bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True)
 
             def on_result(row: dict) -> None:
+                if row.get("skipped"):  # not started before --time-limit
+                    bar.total -= 1
+                    bar.refresh()
+                    return
                 found[row["key"]] = row
                 bar.update(1)
                 if "error" in row:
                     bar.write(f"cell {row['key']} failed: {row['error']}")
 
             try:
-                run_cells(todo, cells_dir, work_dir, args.workers, on_result, args.scenes)
+                deadline = None if args.time_limit is None else time.time() + args.time_limit
+                run_cells(todo, cells_dir, work_dir, args.workers, on_result, args.scenes, deadline)
             except KeyboardInterrupt:
                 bar.close()
                 print(f"\ninterrupted: {len(read_cells(cells_dir))} cells kept in {cells_dir}; run the same "
