@@ -70,7 +70,9 @@ def test_stacked_scenes_render_and_get_gradients_as_each_alone():
     shadings = ["albedo", "lambertian", "albedo"]
     cams = [sample_cameras(config.camera, g) for g in _gens((5, 6, 7))]
     lights = [sample_lights(c, config.renderer, g) for c, g in zip(cams, _gens((8, 9, 10)), strict=True)]
-    outs, terms = stack.render_scenes(concat_cameras(cams), shadings, torch.cat(lights), 0.5, SceneGenerators(_gens()))
+    outs, terms = stack.render_scenes(
+        concat_cameras(cams), shadings, torch.cat(lights), 0.5, SceneGenerators(_gens())
+    )
     weights = [torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(20 + k)) for k in range(3)]
     (sum((o.rgb * w).sum() for o, w in zip(outs, weights, strict=True)) + sum(terms.values())).backward()
 
@@ -97,7 +99,9 @@ def test_scene_k_comes_back_out_of_the_stack():
     scenes = [build_scene(_config(seed=s)) for s in (4, 5)]
     stack = NeRFStack(scenes)
     for k, scene in enumerate(scenes):
-        for (name, a), b in zip(stack.scene(k).state_dict().items(), scene.state_dict().values(), strict=True):
+        for (name, a), b in zip(
+            stack.scene(k).state_dict().items(), scene.state_dict().values(), strict=True
+        ):
             assert torch.equal(a, b), name
 
 
@@ -119,7 +123,10 @@ def test_a_step_of_stacked_scenes_is_each_scenes_own_step(prior, tmp_path):
 
 
 def test_stacked_training_resumes_exactly_and_a_batch_run_resumes_alone(prior, tmp_path):
-    configs = [_config(steps=4, prompt=p, seed=s, checkpoint_every=2) for p, s in zip(PROMPTS[:2], (0, 1), strict=True)]
+    configs = [
+        _config(steps=4, prompt=p, seed=s, checkpoint_every=2)
+        for p, s in zip(PROMPTS[:2], (0, 1), strict=True)
+    ]
     straight = [tmp_path / f"s{k}" for k in range(2)]
     train_scenes(configs, straight, prior, progress=False)
 
@@ -143,7 +150,10 @@ def test_stacked_training_resumes_exactly_and_a_batch_run_resumes_alone(prior, t
 
 
 def test_a_diverged_scene_fails_alone(prior, tmp_path, monkeypatch):
-    configs = [_config(steps=3, prompt=p, seed=s, checkpoint_every=1) for p, s in zip(PROMPTS[:2], (0, 1), strict=True)]
+    configs = [
+        _config(steps=3, prompt=p, seed=s, checkpoint_every=1)
+        for p, s in zip(PROMPTS[:2], (0, 1), strict=True)
+    ]
     stacks: list[NeRFStack] = []
     build = NeRFStack.__init__
 
@@ -205,3 +215,62 @@ def test_batch_bad_prompt_files_are_one_line(tmp_path, capsys, content, message)
     assert main(["batch", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_combine_merges_runs_of_one_lease_and_refuses_two_machines(tmp_path):
+    from sds3d.bench import batch as bench
+    from sds3d.errors import UserError
+
+    def run(name, ks, sequential, gpu="H100"):
+        rows = [{"scenes": k, "prompts": k, "done": k, "load_s": 1.0, "wall_s": 10.0 * k, "prompts_per_hour": 360.0,
+                 "train_wall_s_per_wave": 5.0, "peak_gpu_memory_gb": 1.0} for k in ks]  # fmt: skip
+        data = {"command": name, "machine": {"gpu": gpu, "cpu": "x", "cores": 16, "torch": "t"}, "device": "cuda",
+                "steps": 800, "compile": True, "sequential": sequential, "batch": rows}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        return tmp_path / f"{name}.json"
+
+    seq = {"prompts": 3, "wall_s": 120.0, "prompts_per_hour": 90.0}
+    a, b = run("a", [64, 16], None), run("b", [4, 1], seq)
+    assert bench.main(["--combine", str(a), str(b), "--name", "both", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "both.json").read_text())
+    assert [r["scenes"] for r in data["batch"]] == [1, 4, 16, 64] and data["sequential"] == seq
+    assert (
+        data["command"].startswith("a; b; then") and "| 64 | 64 | 64 |" in (tmp_path / "both.md").read_text()
+    )
+    with pytest.raises(UserError, match="different machines"):
+        bench.combine([a, run("c", [2], seq, gpu="H200")])
+
+
+def test_ray_batch_shards_over_two_workers_and_redoes_a_killed_workers_prompts(tmp_path):
+    """A local 2-worker Ray: every result made, the chunk of a worker killed as it got it redone by
+    the other, the index complete. (Ray is an optional extra; CI installs it.)"""
+    ray = pytest.importorskip("ray")
+    from sds3d.batch_ray import run_batch_ray
+
+    small = dataclasses.replace(preset("default").export, grid_resolution=32, iso_candidates=4, turntable_frames=4,
+                                turntable_resolution=64, turntable_supersample=1)  # fmt: skip
+    base = _config(steps=2, export=small)
+    dispatched: list[tuple[object, list[str]]] = []
+
+    def kill_the_first(actor, chunk):
+        dispatched.append((actor, [i.prompt for i in chunk]))
+        if len(dispatched) == 1:
+            ray.kill(actor, no_restart=True)
+
+    logs: list[str] = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        items = run_batch_ray(base, PROMPTS, [0], tmp_path / "out", scenes=1, workers=2, log=logs.append,
+                              on_dispatch=kill_the_first)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert [i.status for i in items] == ["done"] * 3, [i.error for i in items]
+    assert any("died" in line for line in logs)
+    killed, first = dispatched[0]
+    redone = [a for a, prompts in dispatched[1:] if prompts == first]
+    assert redone and redone[0] is not killed  # the killed worker's prompt, made by the other
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [r["status"] for r in index["results"]] == ["done"] * 3
+    for row in index["results"]:
+        assert (tmp_path / "out" / row["files"]["glb"]).is_file()
+    assert (tmp_path / "out" / "contact_sheet.png").is_file()

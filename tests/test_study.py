@@ -299,23 +299,38 @@ def test_a_cell_that_hits_a_bug_is_reported_and_the_study_goes_on(tmp_path, monk
 
 
 def test_waves_group_stackable_cells_and_leave_the_rest_alone_last(tmp_path):
-    spec = study.load_spec(_spec(tmp_path, SMALL.replace("cfg = [3.0, 7.5]", "rule = ['sds', 'vsd']\nsteps = [2, 3]")))
+    spec = study.load_spec(
+        _spec(tmp_path, SMALL.replace("cfg = [3.0, 7.5]", "rule = ['sds', 'vsd']\nsteps = [2, 3]"))
+    )
     todo = study.cells(spec, "cpu")  # (base, sds = base, vsd, steps 2 = base, steps 3) × 2 seeds × 2 prompts
     by_point = {p: [c for c in todo if c.point == p] for p in {c.point for c in todo}}
     unique = list({c.key: c for c in todo}.values())
     assert len(unique) == 3 * 2 * 2
     groups = study.waves(unique, 3)
-    assert sorted(len(w) for w in groups) == [1, 1, 1, 1, 1, 1, 3, 3]  # 4 base: 3 + 1, 4 steps=3: 3 + 1, 4 vsd alone
+    assert sorted(len(w) for w in groups) == [
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        3,
+        3,
+    ]  # 4 base: 3 + 1, 4 steps=3: 3 + 1, 4 vsd alone
     vsd = {c.key for c in by_point[(("rule", "vsd"),)]}
     assert {c.key for w in groups[-4:] for c in w} == vsd  # the cells that train alone come last
     for wave in groups:  # a wave shares everything but prompt, seed and rule
         assert len({json.loads(c.config_json)["steps"] for c in wave}) == 1
-    assert [[c.key for c in w] for w in study.waves(unique, 1)] == [[c.key] for c in unique]  # K = 1: in order
+    assert [[c.key for c in w] for w in study.waves(unique, 1)] == [
+        [c.key] for c in unique
+    ]  # K = 1: in order
 
 
 def test_time_limit_starts_no_cell_after_it_and_still_reports(tmp_path, monkeypatch):
     ran: list[str] = []
-    monkeypatch.setattr(study.CellRunner, "run_wave", lambda self, wave: ran.extend(c.key for c in wave) or [])
+    monkeypatch.setattr(
+        study.CellRunner, "run_wave", lambda self, wave: ran.extend(c.key for c in wave) or []
+    )
     spec, out = _spec(tmp_path, SMALL), tmp_path / "out"
     argv = ["study", str(spec), "--dir", str(tmp_path / "c"), "--out", str(out), "--no-plots"]
     assert main([*argv, "--time-limit", "0"]) == 0 and ran == []

@@ -395,6 +395,27 @@ def run_batch(
     after every batch and a contact sheet at the end."""
     from sds3d.train import build_prior
 
+    items, todo, write_index = plan_batch(base, prompts, seeds, out_dir, scenes, limit)
+    if todo:
+        log(f"sds3d: {len(todo)} of {len(items)} results to make ({len(items) - len(todo)} done), "
+            f"{scenes} scenes at a time -> {out_dir}")  # fmt: skip
+        prior = build_prior(base) if prior is None else prior
+        make_results(base, todo, prior, scenes, progress, log, on_wave=write_index)
+        write_index()
+    write_contact_sheet(Path(out_dir), items)
+    return items
+
+
+def plan_batch(
+    base: RunConfig,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: Path,
+    scenes: int,
+    limit: int | None,
+) -> tuple[list[BatchItem], list[BatchItem], Callable[[], None]]:
+    """The batch's items (those already finished marked done), the ones to make, and a function that
+    writes `out_dir/index.json` as they stand (written once here)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder")
@@ -408,36 +429,42 @@ def run_batch(
             item.status = "done"
         else:
             todo.append(item)
-    _write_index(out_dir, items, meta)
-    if todo:
-        log(f"sds3d: {len(todo)} of {len(items)} results to make ({len(items) - len(todo)} done), "
-            f"{scenes} scenes at a time -> {out_dir}")  # fmt: skip
-        prior = build_prior(base) if prior is None else prior
-        for item in todo:  # a prompt the prior cannot read fails here, alone
-            try:
-                prior.encode_prompt(item.prompt)
-            except UserError as err:
-                item.status, item.error = "failed", str(err)
-                log(f"sds3d: {item.prompt!r} (seed {item.seed}) failed: {err}")
-        todo = [i for i in todo if i.status == "pending"]
+
+    def write_index() -> None:
         _write_index(out_dir, items, meta)
-        stackable = stack_problem(base) is None
-        if not stackable:
-            log(f"sds3d: note: {stack_problem(base)} cannot be stacked; scenes train one at a time")
-        waves = _waves(todo, base, scenes if stackable else 1)
-        # Meshes and turntables of one batch are made on a thread while the next one trains.
-        with ThreadPoolExecutor(max_workers=EXPORT_THREADS) as exporter:
-            pending: list[Future] = []
-            for n, wave in enumerate(waves, 1):
-                log(f"sds3d: batch {n}/{len(waves)}: {len(wave)} scene(s)")
-                for item, config, result in _train_wave(base, wave, prior, progress, stackable):
-                    pending.append(exporter.submit(_export_item, item, config, result))
-                _write_index(out_dir, items, meta)
-            for future in pending:
-                future.result()
-        _write_index(out_dir, items, meta)
-    write_contact_sheet(out_dir, items)
-    return items
+
+    write_index()
+    return items, todo, write_index
+
+
+def make_results(
+    base: RunConfig, todo: Sequence[BatchItem], prior: Prior, scenes: int, progress: bool = False, log=print,
+    on_wave: Callable[[], None] = lambda: None,
+) -> None:  # fmt: skip
+    """Train and export `todo` (resuming what has a checkpoint), `scenes` at a time where the config
+    stacks (else one by one), setting each item's status; `on_wave` after each wave is trained."""
+    for item in todo:  # a prompt the prior cannot read fails here, alone
+        try:
+            prior.encode_prompt(item.prompt)
+        except UserError as err:
+            item.status, item.error = "failed", str(err)
+            log(f"sds3d: {item.prompt!r} (seed {item.seed}) failed: {err}")
+    todo = [i for i in todo if i.status == "pending"]
+    on_wave()
+    stackable = stack_problem(base) is None
+    if not stackable:
+        log(f"sds3d: note: {stack_problem(base)} cannot be stacked; scenes train one at a time")
+    waves = _waves(todo, base, scenes if stackable else 1)
+    # Meshes and turntables of one batch are made on a thread while the next one trains.
+    with ThreadPoolExecutor(max_workers=EXPORT_THREADS) as exporter:
+        pending: list[Future] = []
+        for n, wave in enumerate(waves, 1):
+            log(f"sds3d: batch {n}/{len(waves)}: {len(wave)} scene(s)")
+            for item, config, result in _train_wave(base, wave, prior, progress, stackable):
+                pending.append(exporter.submit(_export_item, item, config, result))
+            on_wave()
+        for future in pending:
+            future.result()
 
 
 def _waves(todo: Sequence[BatchItem], base: RunConfig, size: int) -> list[list[BatchItem]]:

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                     help="compile the prior with CUDA graphs (auto: on a GPU)")  # fmt: skip
     bt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bt.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                    help="shard the prompts over Ray workers, one per GPU: a local Ray, or the cluster at "
+                    "ADDRESS ('auto': the running one); needs sds3d[ray]")  # fmt: skip
+    bt.add_argument("--ray-workers", type=_positive_int, metavar="N",
+                    help="Ray workers (default: one per GPU of the cluster; 1 on CPUs)")  # fmt: skip
     st = sub.add_parser("study", help="a grid of settings x seeds x prompts scored against the ground truth",
                         add_help=False)  # fmt: skip
     st.add_argument("study_args", nargs=argparse.REMAINDER, help="SPEC [options] (sds3d study --help)")
@@ -335,16 +340,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
     config = preset(args.preset or "default")
     if args.steps is not None:
         config.steps = args.steps
-    if args.device is not None:
-        config.device = check_device(args.device)
+    if args.device is not None:  # with --ray the GPUs are the workers' (each sees its own as cuda)
+        ray_cuda = args.ray is not None and args.device.startswith("cuda")
+        config.device = "cuda" if ray_cuda else check_device(args.device)
     compile = args.compile == "yes" or (args.compile == "auto" and config.device.startswith("cuda"))
     if compile and isinstance(config.guidance, DiffusersGuidanceConfig) and not config.guidance.compile:
         config.guidance = dataclasses.replace(config.guidance, compile=True, compile_mode="reduce-overhead")
     check_config(config)
     out = args.out or Path("outputs") / f"batch-{slugify(args.prompts.stem)}"
-    items = run_batch(
-        config, prompts, list(range(args.seeds)), out, args.scenes, progress=not args.no_progress
-    )
+    if args.ray is not None:
+        from sds3d.batch_ray import run_batch_ray
+
+        items = run_batch_ray(config, prompts, list(range(args.seeds)), out, args.scenes, args.ray or None,
+                              args.ray_workers)  # fmt: skip
+    elif args.ray_workers is not None:
+        raise UserError("--ray-workers goes with --ray")
+    else:
+        items = run_batch(
+            config, prompts, list(range(args.seeds)), out, args.scenes, progress=not args.no_progress
+        )
     done = sum(i.status == "done" for i in items)
     for item in items:
         if item.status == "failed":

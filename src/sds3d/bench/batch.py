@@ -3,6 +3,7 @@ sequential `sds3d generate` processes (what one does without it), on one machine
 
     python -m sds3d.bench.batch [--device cuda] [--scenes 1,4,16,64] [--prompts 64] [--sequential 4]
                                 [--steps 800] [--out benchmarks]
+    python -m sds3d.bench.batch --combine run1.json run2.json --name batch_gpu   # one lease, two commands
 
 Every K trains and exports max(K, --prompts-min) world prompts (the 30 world prompts, then again
 with the next seed) with the default preset; the prior is built once per K (its load and, on a GPU,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import torch
 
 from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import DiffusersGuidanceConfig, preset
+from sds3d.errors import UserError
 from sds3d.world.shapes import all_objects
 
 
@@ -74,6 +77,50 @@ def measure_sequential(n: int, device: str, steps: int, work: Path) -> dict:
     return {"prompts": n, "wall_s": round(wall, 1), "prompts_per_hour": round(n * 3600 / wall, 1)}
 
 
+def combine(paths: list[Path]) -> dict:
+    """One report from runs of this benchmark made on one machine in one lease (a device command
+    has a time limit): their K rows together, the sequential baseline from the run that has it."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        for field in ("device", "steps", "compile"):
+            if run[field] != first[field]:
+                raise UserError(f"{field} differs between the runs: {first[field]!r} and {run[field]!r}")
+        if run["machine"].get("gpu") != first["machine"].get("gpu"):
+            raise UserError("the runs were made on different machines: compare only within one lease")
+    sequential = [r["sequential"] for r in runs if r["sequential"]]
+    return {**first, "command": "; ".join(r["command"] for r in runs), "sequential": sequential[0] if sequential else None,
+            "batch": sorted((row for r in runs for row in r["batch"]), key=lambda row: row["scenes"])}  # fmt: skip
+
+
+def write(out: Path, name: str, data: dict) -> None:
+    sequential, rows, machine = data["sequential"], data["batch"], data["machine"]
+    cuda = data["device"].startswith("cuda")
+    base = sequential["prompts_per_hour"] if sequential else None
+    lines = [
+        f"# `sds3d batch` throughput ({data['device']}, default preset, {data['steps']} steps)", "",
+        f"Command: `{data['command']}`", "",
+        f"Machine: {machine['gpu'] if cuda else machine['cpu']}, {machine['cores']} cores, "
+        f"torch {machine['torch']}; prior compiled with CUDA graphs: {'yes' if data['compile'] else 'no'}.", "",
+        "Each K trains and exports its prompts K at a time in one process (the prior built once, timed "
+        "apart as load); prompts/h counts finished meshes over the batch's wall time, training and export "
+        "(on a thread, overlapping the next batch's training) together.", "",
+    ]  # fmt: skip
+    if sequential:
+        lines += [f"Sequential `sds3d generate` processes ({sequential['prompts']} prompts, start-up and loading "
+                  f"included): **{sequential['prompts_per_hour']:.0f} prompts/h** ({sequential['wall_s']} s).", ""]  # fmt: skip
+    lines += [
+        "| K | prompts | done | load s | train s / wave | wall s | prompts/h | × sequential | peak GPU GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup = f"{r['prompts_per_hour'] / base:.1f}×" if base else "–"
+        gpu = "–" if r["peak_gpu_memory_gb"] is None else r["peak_gpu_memory_gb"]
+        lines.append(f"| {r['scenes']} | {r['prompts']} | {r['done']} | {r['load_s']} | {r['train_wall_s_per_wave']} | "
+                     f"{r['wall_s']} | {r['prompts_per_hour']:.0f} | {speedup} | {gpu} |")  # fmt: skip
+    write_report(out, name, data, lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sds3d.bench.batch", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -87,7 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the prior compiled with CUDA graphs (auto: on a GPU)")  # fmt: skip
     parser.add_argument("--name", default=None, help="report name (default: batch_<cpu|gpu>)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: one report (--name) from runs of one lease")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.combine:
+        data = combine(args.combine)
+        data["command"] += "; then python -m sds3d.bench.batch " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        write(args.out, args.name or "batch_gpu", data)
+        return 0
     scenes = [int(k) for k in args.scenes.split(",")]
     compile = args.compile == "yes" or (args.compile == "auto" and args.device.startswith("cuda"))
     rows = []
@@ -101,33 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         for k in scenes:
             rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work))
             print(rows[-1], flush=True)
-    base = sequential["prompts_per_hour"] if sequential else None
     command = "python -m sds3d.bench.batch " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = describe_machine()
-    lines = [
-        f"# `sds3d batch` throughput ({args.device}, default preset, {args.steps} steps)", "",
-        f"Command: `{command}`", "",
-        f"Machine: {machine['gpu'] if args.device.startswith('cuda') else machine['cpu']}, {machine['cores']} cores, "
-        f"torch {machine['torch']}; prior compiled with CUDA graphs: {'yes' if compile else 'no'}.", "",
-        "Each K trains and exports its prompts K at a time in one process (the prior built once, timed "
-        "apart as load); prompts/h counts finished meshes over the batch's wall time, training and export "
-        "(on a thread, overlapping the next batch's training) together.", "",
-    ]  # fmt: skip
-    if sequential:
-        lines += [f"Sequential `sds3d generate` processes ({sequential['prompts']} prompts, start-up and loading "
-                  f"included): **{sequential['prompts_per_hour']:.0f} prompts/h** ({sequential['wall_s']} s).", ""]  # fmt: skip
-    lines += [
-        "| K | prompts | done | load s | wall s | prompts/h | × sequential | peak GPU GB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        speedup = f"{r['prompts_per_hour'] / base:.1f}×" if base else "–"
-        gpu = "–" if r["peak_gpu_memory_gb"] is None else r["peak_gpu_memory_gb"]
-        lines.append(f"| {r['scenes']} | {r['prompts']} | {r['done']} | {r['load_s']} | {r['wall_s']} | "
-                     f"{r['prompts_per_hour']:.0f} | {speedup} | {gpu} |")  # fmt: skip
     name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
-    write_report(args.out, name, {"command": command, "machine": machine, "device": args.device, "steps": args.steps,
-                                  "compile": compile, "sequential": sequential, "batch": rows}, lines)  # fmt: skip
+    write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,
+                           "steps": args.steps, "compile": compile, "sequential": sequential, "batch": rows})  # fmt: skip
     return 0
 
 
