@@ -65,6 +65,12 @@ MUTATIONS = [
     ('bench/study.py', 'float(np.std(per_seed, ddof=1))', 'float(np.std(per_seed))', 'tests/test_study.py -k spread'),
     ('bench/study.py', 'c.key not in found or "error" in found[c.key]]', '"error" in found.get(c.key, {})]', 'tests/test_study.py -k resumes'),
     ('bench/study.py', 'prompt=prompt, seed=seed, device=device', 'prompt=prompt, seed=0, device=device', 'tests/test_study.py -k seed_by_seed'),
+    ('batch.py', 'terms[name] = terms.get(name, 0) + len(ids) * value', 'terms[name] = terms.get(name, 0) + value', 'tests/test_batch.py -k each_scenes_own_step'),
+    ('batch.py', 'SceneGenerators([s.generator for s in scenes])', 'SceneGenerators([scenes[0].generator for s in scenes])', 'tests/test_batch.py -k each_scenes_own_step'),
+    ('batch.py', '                shadings.append(shading)', '                shadings.append("albedo")', 'tests/test_batch.py -k each_scenes_own_step'),
+    ('batch_ray.py', '            queue.appendleft(chunk)', '            pass', 'tests/test_batch.py -k ray'),
+    ('bench/study.py', 'return (out + list(open_.values()) + alone) if scenes > 1 else alone', 'return (alone + out + list(open_.values())) if scenes > 1 else alone', 'tests/test_study.py -k waves'),
+    ('bench/study.py', 'return deadline is not None and time.time() >= deadline', 'return False', 'tests/test_study.py -k time_limit'),
 ]
 # fmt: on
 

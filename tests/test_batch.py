@@ -109,7 +109,12 @@ def test_a_step_of_stacked_scenes_is_each_scenes_own_step(prior, tmp_path):
     """One step: each scene's Adam moments (its gradient) as its own run's, to rounding (the batched
     U-Net call is not bit-for-bit batch-invariant on the CPU), and its generator exactly where its
     own run leaves it (the same draws, in the same order)."""
-    configs = [_config(steps=1, prompt=p, seed=s) for p, s in zip(PROMPTS, (0, 1, 2), strict=True)]
+    from sds3d.bench.study import SHADINGS
+
+    mix = dataclasses.replace(_config().renderer, **SHADINGS["textureless-mix"])  # each scene its own shading
+    configs = [
+        _config(steps=1, prompt=p, seed=s, renderer=mix) for p, s in zip(PROMPTS, (0, 1, 2), strict=True)
+    ]
     train_scenes(configs, [tmp_path / f"b{k}" for k in range(3)], prior, progress=False)
     for k, config in enumerate(configs):
         train(config, tmp_path / f"a{k}", progress=False, prior=prior)
