@@ -154,6 +154,12 @@ def test_conclusions_call_a_difference_only_beyond_the_spread():
     assert "cfg = 20" in clear[0] and "more than twice" in clear[0] and "≥ 95%: 20;" in clear[1]
     close = study.conclusions("cfg", [(5, {**b, "iou_sd": 0.06}), (20, a)])
     assert "not a clear difference" in close[0]
+    # an unfinished setting (a few cells, no whole seed) is not compared with finished ones
+    whole = {"complete_seeds": 3}
+    partial = study.conclusions("cfg", [(5, {**b, **whole}), (20, {**a, **whole}), (50, {"iou": 0.95, "iou_sd": None,
+                                "shape_accuracy": 1.0, "complete_seeds": 0})])  # fmt: skip
+    assert "cfg = 20" in partial[0] and "Not compared" in partial[-1] and "50" in partial[-1]
+    assert "Too few" in study.conclusions("cfg", [(5, {**b, **whole}), (50, {**a, "complete_seeds": 1})])[0]
 
 
 def test_prior_accuracy_pools_seen_and_held_out(tmp_path):

@@ -471,10 +471,15 @@ def prior_accuracy_of(path: str) -> float | None:
 
 def conclusions(axis: str, table: list[tuple[Any, dict]]) -> list[str]:
     """What the numbers show, and no more: best and worst mean IoU, whether their difference is
-    larger than the spread over seeds, and which settings reach 95% shape accuracy."""
-    done = [(v, s) for v, s in table if s.get("iou") is not None]
+    larger than the spread over seeds, and which settings reach 95% shape accuracy. Only settings
+    measured on as many whole seeds as the best-measured one (2 are enough) are compared: a few
+    cells of an unfinished setting are not a mean."""
+    measured = [(v, s) for v, s in table if s.get("iou") is not None]
+    need = min(2, max((s.get("complete_seeds", 1) for _, s in measured), default=0))
+    done = [(v, s) for v, s in measured if s.get("complete_seeds", 1) >= max(need, 1)]
+    left = [str(v) for v, s in measured if (v, s) not in done]
     if len(done) < 2:
-        return ["Too few settings measured to compare."]
+        return [f"Too few settings measured on whole seeds to compare ({len(done)} of {len(table)})."]
     best = max(done, key=lambda vs: vs[1]["iou"])
     worst = min(done, key=lambda vs: vs[1]["iou"])
     spreads = [s["iou_sd"] for _, s in done if s.get("iou_sd") is not None]
@@ -493,6 +498,8 @@ def conclusions(axis: str, table: list[tuple[Any, dict]]) -> list[str]:
     reach = [str(v) for v, s in done if (s.get("shape_accuracy") or 0) >= 0.95]
     lines.append(f"- Shape accuracy ≥ 95%: {', '.join(reach) if reach else 'none'}; "
                  f"highest {max(s['shape_accuracy'] for _, s in done):.0%} ({max(done, key=lambda vs: vs[1]['shape_accuracy'])[0]}).")  # fmt: skip
+    if left:
+        lines.append(f"- Not compared (fewer whole seeds than the others so far): {', '.join(left)}.")
     return lines
 
 
