@@ -56,6 +56,23 @@ def test_same_seed_same_result_and_resume_after_ctrl_c_matches(tmp_path):
     assert not torch.equal(a["nerf.encoding.tables"], torch.zeros_like(a["nerf.encoding.tables"]))
 
 
+def test_should_stop_stops_a_run_in_a_thread_as_ctrl_c_does(tmp_path):
+    import threading
+
+    stop = threading.Event()
+    result = {}
+
+    def run():
+        on_step = lambda step, scene: stop.set() if step == 2 else None
+        result["out"] = train(tiny(), tmp_path, progress=False, on_step=on_step, should_stop=stop.is_set)
+
+    worker = threading.Thread(target=run)  # no signal handler off the main thread: the event stops it
+    worker.start()
+    worker.join()
+    assert result["out"].interrupted and result["out"].steps_done == 2
+    assert load_scene(tmp_path)[2] == 2
+
+
 def test_divergence_stops_keeps_the_last_good_checkpoint(tmp_path):
     def poison(step, scene):  # a divergence after step 3
         if step == 3:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -219,6 +219,7 @@ def train(
     on_step=None,
     prior: Prior | None = None,
     overwrite: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainOutput:
     """Optimise a NeRF for `config.prompt`; checkpoints go to `run_dir/checkpoints/last.pt`.
 
@@ -226,11 +227,13 @@ def train(
     `prior` replaces the one `config.guidance` builds (shared between runs, or the speed benchmark's
     random-weight models): it is used as it is and never changed;
     `overwrite` replaces an earlier run in `run_dir` (runs.py says what it removes), once the
-    prompt has been checked. The run folder is locked for the whole call.
+    prompt has been checked; `should_stop()` true before a step stops the run there as Ctrl-C does
+    (a checkpoint, `interrupted`): how a thread is stopped (the app). The run folder is locked for
+    the whole call.
     """
     run_dir = Path(run_dir)
     with runs.locked(run_dir, create=not resume):
-        return _train(config, run_dir, resume, progress, on_step, prior, overwrite)
+        return _train(config, run_dir, resume, progress, on_step, prior, overwrite, should_stop)
 
 
 def _train(
@@ -241,6 +244,7 @@ def _train(
     on_step,
     prior: Prior | None,
     overwrite: bool,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainOutput:
     if resume:
         if not runs.has_checkpoint(run_dir):
@@ -289,7 +293,7 @@ def _train(
     bar = tqdm(total=config.steps, initial=start, desc=config.prompt[:40], disable=not progress, unit="it")
     with StopRequest() as stop:
         for step in range(start, config.steps):
-            if stop.requested:
+            if stop.requested or (should_stop is not None and should_stop()):
                 break
             step_ratio = step / config.steps
             if not cpu:  # a new step for CUDA-graph replays (torch.compile mode="reduce-overhead")
