@@ -171,7 +171,7 @@ def test_prior_accuracy_pools_seen_and_held_out(tmp_path):
 
 
 # --- running --------------------------------------------------------------------------------------
-def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     spec = _spec(tmp_path, SMALL.replace("seeds = 2", "seeds = 1"))
     cells_dir, out = tmp_path / "cells", tmp_path / "out"
     seen: list[tuple[float, int, str]] = []
@@ -185,6 +185,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(study.CellRunner, "__call__", counting)
     argv = ["study", str(spec), "--dir", str(cells_dir), "--out", str(out)]
     assert main([*argv, "--limit", "1"]) == 0  # stopped after one cell …
+    assert "0 of 4 cells done, running 1" in capsys.readouterr().out
     assert len(seen) == 1 and len(list((cells_dir / "cells").glob("*.json"))) == 1
     assert main(argv) == 0  # … resumed: the other three, not the first again
     assert len(seen) == 4 and len(set(seen)) == 4

@@ -717,13 +717,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)  # what a killed cell left: it runs again
         found = read_cells(cells_dir)
         unique = list({c.key: c for spec in specs for c in cells(spec, args.device)}.values())  # shared: once
-        todo = [c for c in unique if c.key not in found or "error" in found[c.key]]
-        todo = todo[: args.limit] if args.limit is not None else todo
+        missing = [c for c in unique if c.key not in found or "error" in found[c.key]]
+        todo = missing[: args.limit] if args.limit is not None else missing
         total = len(unique)
         if not args.report and todo:
             from tqdm.auto import tqdm
 
-            print(f"study {', '.join(s.name for s in specs)}: {total - len(todo)} of {total} cells done, running {len(todo)} "
+            print(f"study {', '.join(s.name for s in specs)}: {total - len(missing)} of {total} cells done, running {len(todo)} "
                   f"({args.workers} worker{'s' if args.workers > 1 else ''}, {args.device})", flush=True)  # fmt: skip
             bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True)
 
