@@ -69,7 +69,7 @@ MUTATIONS = [
     ('batch.py', 'SceneGenerators([s.generator for s in scenes])', 'SceneGenerators([scenes[0].generator for s in scenes])', 'tests/test_batch.py -k each_scenes_own_step'),
     ('batch.py', '                shadings.append(shading)', '                shadings.append("albedo")', 'tests/test_batch.py -k each_scenes_own_step'),
     ('batch_ray.py', '            queue.appendleft(chunk)', '            pass', 'tests/test_batch.py -k ray'),
-    ('bench/study.py', 'return (out + list(open_.values()) + alone) if scenes > 1 else alone', 'return (alone + out + list(open_.values())) if scenes > 1 else alone', 'tests/test_study.py -k waves'),
+    ('bench/study.py', 'return out + list(open_.values()) + alone', 'return alone + out + list(open_.values())', 'tests/test_study.py -k waves'),
     ('bench/study.py', 'return deadline is not None and time.time() >= deadline', 'return False', 'tests/test_study.py -k time_limit'),
 ]
 # fmt: on

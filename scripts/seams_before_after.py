@@ -42,15 +42,9 @@ def main() -> int:
     args = parser.parse_args()
     rounds = []
     for i in range(args.rounds):
-        pair = {
-            v: run(p.resolve(), args.steps, args.warmup)
-            for v, p in (("before", args.before), ("after", ROOT / "src"))
-        }
+        pair = {v: run(p.resolve(), args.steps, args.warmup) for v, p in (("before", args.before), ("after", ROOT / "src"))}
         rounds.append({v: r["step_ms"] for v, r in pair.items()})
-        print(
-            f"round {i + 1}: before {pair['before']['step_ms']['step']:.1f} ms, after {pair['after']['step_ms']['step']:.1f} ms",
-            flush=True,
-        )
+        print(f"round {i + 1}: before {pair['before']['step_ms']['step']:.1f} ms, after {pair['after']['step_ms']['step']:.1f} ms", flush=True)
     machine = pair["after"]["machine"]
     median = {v: statistics.median(r[v]["step"] for r in rounds) for v in ("before", "after")}
     command = "python scripts/seams_before_after.py " + " ".join(sys.argv[1:])
@@ -69,13 +63,8 @@ def main() -> int:
     for i, r in enumerate(rounds):
         for v in ("before", "after"):
             p = r[v]
-            lines.append(
-                f"| {i + 1} | {v} | {p['render']:.1f} | {p['prior']:.1f} | {p['backward']:.1f} | {p['step']:.1f} |"
-            )
-    lines += [
-        "",
-        f"Median step over the rounds: before {median['before']:.1f} ms, after {median['after']:.1f} ms.",
-    ]
+            lines.append(f"| {i + 1} | {v} | {p['render']:.1f} | {p['prior']:.1f} | {p['backward']:.1f} | {p['step']:.1f} |")
+    lines += ["", f"Median step over the rounds: before {median['before']:.1f} ms, after {median['after']:.1f} ms."]
     (args.out / "seams_before_after.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -127,24 +127,19 @@ def generate(
     progress: bool = True,
     overwrite: bool = False,
     prior: Prior | None = None,
-    on_step=None,
-    should_stop=None,
 ) -> GenerateOutput:
     """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it).
     `overwrite` replaces an earlier sds3d run in `run_dir` (only what sds3d wrote there); `prior`
-    (built with `train.build_prior`) is used as it is and can serve many runs; `on_step` and
-    `should_stop` go to `train`."""
+    (built with `train.build_prior`) is used as it is and can serve many runs."""
     run_dir = Path(run_dir)
     with runs.locked(run_dir, create=not resume):
-        return _generate(config, run_dir, resume, progress, overwrite, prior, on_step, should_stop)
+        return _generate(config, run_dir, resume, progress, overwrite, prior)
 
 
 def _generate(
-    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool, prior: Prior | None,
-    on_step=None, should_stop=None,
-) -> GenerateOutput:  # fmt: skip
-    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, prior=prior,
-                   on_step=on_step, should_stop=should_stop)  # fmt: skip
+    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool, prior: Prior | None
+) -> GenerateOutput:
+    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, prior=prior)
     out = GenerateOutput(run_dir=run_dir, train=result)
     if result.interrupted:
         return out

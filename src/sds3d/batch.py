@@ -442,7 +442,8 @@ def make_results(
     on_wave: Callable[[], None] = lambda: None,
 ) -> None:  # fmt: skip
     """Train and export `todo` (resuming what has a checkpoint), `scenes` at a time where the config
-    stacks (else one by one), setting each item's status; `on_wave` after each wave is trained."""
+    stacks (else one by one), setting each item's status; `on_wave()` whenever statuses have changed
+    (after the prompts are checked and after each wave is trained): the index is written there."""
     for item in todo:  # a prompt the prior cannot read fails here, alone
         try:
             prior.encode_prompt(item.prompt)

@@ -228,7 +228,7 @@ def train(
     random-weight models): it is used as it is and never changed;
     `overwrite` replaces an earlier run in `run_dir` (runs.py says what it removes), once the
     prompt has been checked; `should_stop()` true before a step stops the run there as Ctrl-C does
-    (a checkpoint, `interrupted`): how a thread is stopped (the app). The run folder is locked for
+    (a checkpoint, `interrupted`): how a run in another thread, out of Ctrl-C's reach, is stopped. The run folder is locked for
     the whole call.
     """
     run_dir = Path(run_dir)

@@ -137,12 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="measure nothing: one report (--name) from runs of one lease")  # fmt: skip
     args = parser.parse_args(argv)
+    command = "python -m sds3d.bench.batch " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.combine:
         data = combine(args.combine)
-        data["command"] += "; then python -m sds3d.bench.batch " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        write(args.out, args.name or "batch_gpu", data)
+        write(args.out, args.name or "batch_gpu", data | {"command": f"{data['command']}; then {command}"})
         return 0
     scenes = [int(k) for k in args.scenes.split(",")]
     compile = args.compile == "yes" or (args.compile == "auto" and args.device.startswith("cuda"))
@@ -157,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         for k in scenes:
             rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work))
             print(rows[-1], flush=True)
-    command = "python -m sds3d.bench.batch " + " ".join(argv if argv is not None else sys.argv[1:])
     name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
     write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,
                            "steps": args.steps, "compile": compile, "sequential": sequential, "batch": rows})  # fmt: skip

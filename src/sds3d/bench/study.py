@@ -359,11 +359,12 @@ def waves(todo: Sequence[Cell], scenes: int) -> list[list[Cell]]:
         if scenes <= 1 or stack_problem(config) is not None:
             alone.append([cell])
             continue
-        group = open_.setdefault(stack_key(config), [])
+        key = stack_key(config)
+        group = open_.setdefault(key, [])
         group.append(cell)
         if len(group) >= scenes:
-            out.append(open_.pop(stack_key(config)))
-    return (out + list(open_.values()) + alone) if scenes > 1 else alone
+            out.append(open_.pop(key))
+    return out + list(open_.values()) + alone
 
 
 def run_cells(todo: Sequence[Cell], cells_dir: Path, work_dir: Path, workers: int,
@@ -475,8 +476,8 @@ def conclusions(axis: str, table: list[tuple[Any, dict]]) -> list[str]:
     measured on as many whole seeds as the best-measured one (2 are enough) are compared: a few
     cells of an unfinished setting are not a mean."""
     measured = [(v, s) for v, s in table if s.get("iou") is not None]
-    need = min(2, max((s.get("complete_seeds", 1) for _, s in measured), default=0))
-    done = [(v, s) for v, s in measured if s.get("complete_seeds", 1) >= max(need, 1)]
+    need = max(1, min(2, max((s.get("complete_seeds", 1) for _, s in measured), default=1)))
+    done = [(v, s) for v, s in measured if s.get("complete_seeds", 1) >= need]
     left = [str(v) for v, s in measured if (v, s) not in done]
     if len(done) < 2:
         return [f"Too few settings measured on whole seeds to compare ({len(done)} of {len(table)})."]
