@@ -205,6 +205,43 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0 and len(seen) == 5
 
 
+def test_a_fresh_cells_folder_goes_on_from_the_committed_report(tmp_path, monkeypatch, capsys):
+    spec = _spec(tmp_path, SMALL.replace("seeds = 2", "seeds = 1"))
+    out = tmp_path / "out"
+    ran: list[str] = []
+
+    def fake_run(todo, cells_dir, *a, **k):
+        for c in todo:
+            ran.append(c.key)
+            row = {"key": c.key, "point": [list(p) for p in c.point], "seed": c.seed, "prompt": c.prompt,
+                   "true_shape": "cube", "shape": "cube", "shape_ok": True, "color": "red", "color_ok": True,
+                   "iou": 0.5, "psnr": 20.0, "faces": 10, "seconds": 1.0, "train_seconds": 1.0}  # fmt: skip
+            (cells_dir / f"{c.key}.json").write_text(json.dumps(row))
+
+    monkeypatch.setattr(study, "run_cells", fake_run)
+    first = ["study", str(spec), "--dir", str(tmp_path / "a"), "--out", str(out), "--no-plots"]
+    assert main([*first, "--limit", "3"]) == 0 and len(ran) == 3
+    report = json.loads((out / "study_small.json").read_text())
+    assert report["cells_done"] == 3
+    # the report names a cell that a bug stopped: it is not taken, and runs again
+    report["cells"].append({"key": "0123456789abcdef-s0-bad", "error": "RuntimeError: boom"})
+    (out / "study_small.json").write_text(json.dumps(report))
+    fresh = ["study", str(spec), "--dir", str(tmp_path / "b"), "--out", str(out), "--no-plots"]
+    assert main([*fresh, "--from-reports"]) == 0
+    assert "took 3 cells from the reports" in capsys.readouterr().out
+    assert len(ran) == 4 and len(set(ran)) == 4  # only the missing cell ran
+    assert json.loads((out / "study_small.json").read_text())["cells_done"] == 4
+    assert not (tmp_path / "b" / "cells" / "0123456789abcdef-s0-bad.json").exists()
+    # a cell already in the folder is kept over the report's record
+    kept = tmp_path / "b" / "cells" / f"{ran[0]}.json"
+    kept.write_text(kept.read_text().replace('"iou": 0.5', '"iou": 0.75'))
+    assert main([*fresh, "--from-reports"]) == 0 and len(ran) == 4
+    assert '"iou": 0.75' in kept.read_text()
+    (out / "study_small.json").write_text("{not json")
+    assert main([*fresh, "--from-reports"]) == 2
+    assert "not a study report" in capsys.readouterr().err
+
+
 def test_quick_is_seed_0_and_one_prompt_per_shape(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(study, "run_cells", lambda todo, *a, **k: seen.extend(todo))

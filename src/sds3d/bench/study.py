@@ -42,6 +42,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import sys
 import time
@@ -423,6 +424,30 @@ def read_cells(cells_dir: Path) -> dict[str, dict]:
     return out
 
 
+def import_reports(reports: Sequence[Path], cells_dir: Path) -> int:
+    """Write the finished cells that `reports` (study_NAME.json) record into `cells_dir`, leaving
+    the cells already there alone; a missing report is skipped. Returns how many were written."""
+    from sds3d.runs import write_atomic
+
+    taken = 0
+    for path in reports:
+        if not path.is_file():
+            continue
+        try:
+            rows = json.loads(path.read_text())["cells"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{path}: not a study report ({type(err).__name__}: {err})") from None
+        for row in rows:
+            key = row.get("key") if isinstance(row, dict) else None
+            if not isinstance(key, str) or "error" in row or not re.fullmatch(r"[\w.-]+", key):
+                continue
+            target = cells_dir / f"{key}.json"
+            if not target.exists():
+                write_atomic(target, json.dumps(row))
+                taken += 1
+    return taken
+
+
 # --- the report -----------------------------------------------------------------------------------
 def _label(point: Point) -> str:
     return ", ".join(f"{a}={v}" for a, v in point) or "base"
@@ -686,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no cell after SECONDS (those running finish), then report")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
+    parser.add_argument("--from-reports", action="store_true",
+                        help="first take the cells recorded in the specs' reports in --out (a fresh clone "
+                             "goes on where the committed reports left off)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look on a CPU: seed 0 and {len(QUICK_PROMPTS)} prompts (one per shape); report study_NAME_quick")  # fmt: skip
     args = parser.parse_args(argv)
@@ -716,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
         cells_dir, work_dir = study_dir / "cells", study_dir / "work"
         cells_dir.mkdir(exist_ok=True)
         shutil.rmtree(work_dir, ignore_errors=True)  # what a killed cell left: it runs again
+        if args.from_reports:
+            taken = import_reports([args.out / f"study_{s.name}.json" for s in specs], cells_dir)
+            print(f"took {taken} cells from the reports in {args.out}", flush=True)
         found = read_cells(cells_dir)
         unique = list({c.key: c for spec in specs for c in cells(spec, args.device)}.values())  # shared: once
         missing = [c for c in unique if c.key not in found or "error" in found[c.key]]
