@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.sds3d-installed
 PROMPT ?= a blue torus
 
-.PHONY: setup demo test lint bench bench-gpu gallery clean
+.PHONY: setup demo app test lint bench bench-gpu gallery clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -14,6 +14,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sds3d.cli generate "$(PROMPT)"
+
+# The browser interface at http://127.0.0.1:7860 (Ctrl-C stops it).
+app: $(STAMP)
+	$(PY) -m sds3d.cli app
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

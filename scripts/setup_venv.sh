@@ -9,7 +9,7 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,study,ray}
+EXTRAS=${EXTRAS:-dev,study,ray,app}
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" 2>/dev/null; then

@@ -16,8 +16,10 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,26 +129,24 @@ def generate(
     progress: bool = True,
     overwrite: bool = False,
     prior: Prior | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerateOutput:
     """Train, then export; writes `summary.json`. An interrupted run exports nothing (resume it).
     `overwrite` replaces an earlier sds3d run in `run_dir` (only what sds3d wrote there); `prior`
-    (built with `train.build_prior`) is used as it is and can serve many runs."""
+    (built with `train.build_prior`) is used as it is and can serve many runs; `on_step` and
+    `should_stop` are `train`'s (the app's progress and Stop button)."""
     run_dir = Path(run_dir)
     with runs.locked(run_dir, create=not resume):
-        return _generate(config, run_dir, resume, progress, overwrite, prior)
-
-
-def _generate(
-    config: RunConfig, run_dir: Path, resume: bool, progress: bool, overwrite: bool, prior: Prior | None
-) -> GenerateOutput:
-    result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, prior=prior)
-    out = GenerateOutput(run_dir=run_dir, train=result)
-    if result.interrupted:
+        result = train(config, run_dir, resume=resume, progress=progress, overwrite=overwrite, prior=prior,
+                       on_step=on_step, should_stop=should_stop)  # fmt: skip
+        out = GenerateOutput(run_dir=run_dir, train=result)
+        if result.interrupted:
+            return out
+        t0 = time.perf_counter()
+        out.files = _export_run(run_dir, config.device)
+        out.summary = write_summary(config, run_dir, result, out.files, time.perf_counter() - t0)
         return out
-    t0 = time.perf_counter()
-    out.files = export_run(run_dir, config.device)
-    out.summary = write_summary(config, run_dir, result, out.files, time.perf_counter() - t0)
-    return out
 
 
 def write_summary(

@@ -142,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="a grid of settings x seeds x prompts scored against the ground truth",
                         add_help=False)  # fmt: skip
     st.add_argument("study_args", nargs=argparse.REMAINDER, help="SPEC [options] (sds3d study --help)")
+    ap = sub.add_parser("app", help="the browser interface (Gradio; needs sds3d[app])",
+                        description="Serve sds3d's page: prompt, preset, live progress, the mesh in a 3D viewer, "
+                        "Stop and Resume, earlier runs. Bound to 127.0.0.1 unless --host says otherwise.")  # fmt: skip
+    ap.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    ap.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    ap.add_argument(
+        "--outputs", type=Path, default=Path("outputs"), help="folder of the runs (default outputs)"
+    )
+    ap.add_argument("--device", help="torch device for every run (default: each preset's)")
     pt.add_argument("--compile", action="store_true", help="torch.compile the U-Net and text encoder (GPU)")
     pt.add_argument("--no-progress", action="store_true")
     return parser
@@ -367,6 +378,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if done == len(items) else 1
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from sds3d.app import Studio, serve
+
+    if args.device is not None:
+        from sds3d.devices import check_device
+
+        check_device(args.device)
+    serve(Studio(args.outputs, args.device), args.host, args.port)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from sds3d.bench import study
 
@@ -381,7 +403,7 @@ def _quote(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets, "rules": cmd_rules,
-                "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study, "batch": cmd_batch}  # fmt: skip
+                "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study, "batch": cmd_batch, "app": cmd_app}  # fmt: skip
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)
