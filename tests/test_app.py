@@ -162,6 +162,8 @@ def test_the_page_generates_a_mesh_in_a_real_browser(tmp_path):
         status = lambda: find("#status").text
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#prompt textarea, #prompt input"), 30)
 
+        assert find("#steps input").get_attribute("value") == "800"  # the default preset's steps
+
         def ask(prompt: str, steps: int) -> None:
             box = find("#prompt textarea, #prompt input")
             box.clear()

@@ -282,9 +282,11 @@ def build_app(studio: Studio):
                 gr.Examples(
                     world_prompts(), inputs=prompt, label="The built-in prior's world", examples_per_page=30
                 )
-                preset_box = gr.Dropdown(list(PRESETS), value="fast", label="Preset", elem_id="preset")
+                preset_box = gr.Dropdown(list(PRESETS), value="default", label="Preset", elem_id="preset")
                 with gr.Row():
-                    steps = gr.Number(value=200, precision=0, minimum=1, label="Steps", elem_id="steps")
+                    steps = gr.Number(
+                        value=PRESETS["default"].steps, precision=0, minimum=1, label="Steps", elem_id="steps"
+                    )
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -367,6 +369,8 @@ def build_app(studio: Studio):
              .then(handler, args, streamed, concurrency_id="train", concurrency_limit=1)
              .then(on_model, [current], model, queue=False)
              .then(on_list, None, [gallery, listed], queue=False))  # fmt: skip
+        preset_box.change(lambda name: PRESETS[name].steps if name in PRESETS else gr.skip(), preset_box, steps,
+                          queue=False)  # fmt: skip
         stop.click(on_stop, None, status, queue=False)
         refresh.click(on_list, None, [gallery, listed], queue=False)
         gallery.select(on_open, [listed], streamed, queue=False).then(on_model, [current], model, queue=False)
