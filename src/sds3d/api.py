@@ -97,7 +97,7 @@ def export_run(run_dir: Path | str, device: str = "cpu") -> dict[str, Path]:
 def _export_run(run_dir: Path, device: str) -> dict[str, Path]:
     config, scene, step = load_scene(run_dir, device)
     mesh = scene.to_mesh(config.export)
-    files: dict[str, Path] = dict(write_mesh(mesh, run_dir))
+    files: dict[str, Path] = dict(write_mesh(mesh, run_dir)) | scene.write_extras(run_dir)
     frames = render_mesh_turntable(mesh, config.export)
     for path in write_turntable(frames, run_dir, config.export.turntable_fps):
         files[path.suffix.lstrip(".")] = path

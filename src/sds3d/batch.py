@@ -40,6 +40,7 @@ from sds3d.errors import UserError
 from sds3d.guidance.base import Prior
 from sds3d.prompts import PromptProcessor
 from sds3d.render.volume import Shading, choose_shading, sample_lights
+from sds3d.representations.nerf_scene import NeRFScene
 from sds3d.representations.nerf_stack import NeRFStack, stack_problem
 from sds3d.rules.base import Rule
 from sds3d.train import (
@@ -167,7 +168,7 @@ def _train_scenes(
         rule.prepare(prior, prompts)
         prompts.precompute()
         scenes.append(_Scene(cfg, run_dir, rule, prompts, torch.Generator().manual_seed(cfg.seed)))
-        plain.append(build_scene(cfg))
+        plain.append(cast(NeRFScene, build_scene(cfg)))  # stack_problem refused other representations
     stack = NeRFStack(plain).to(device)
     optimizer = torch.optim.Adam(
         stack.param_groups(config.optim), betas=config.optim.betas, eps=config.optim.eps,
@@ -182,7 +183,7 @@ def _train_scenes(
             raise ValueError("train_scenes resumes scenes that stopped at one step")
         with torch.no_grad():
             for k, (s, st) in enumerate(zip(scenes, states, strict=True)):
-                lone = build_scene(s.config)
+                lone = cast(NeRFScene, build_scene(s.config))
                 runs.load_state(lone, st["scene"], f"the checkpoint in {s.run_dir}")
                 stack.load_scene(k, lone)
                 _load_lone_optimizer_state(stack, k, optimizer, s.config, st["optimizer"])

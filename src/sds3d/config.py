@@ -30,6 +30,7 @@ from sds3d.prompts import PromptConfig
 from sds3d.ramp import Ramp
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
+from sds3d.representations.gaussians import GaussiansConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
 from sds3d.representations.nerf_scene import RegularizerConfig
 from sds3d.rules import RULE_CONFIGS, RuleConfig, SDSRuleConfig
@@ -65,7 +66,9 @@ class RunConfig:
     checkpoint_every: int = 100
     camera: CameraConfig = field(default_factory=CameraConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    representation: Literal["nerf", "gaussians"] = "nerf"  # what is trained: `nerf` or `gaussians`
     nerf: HashGridNeRFConfig = field(default_factory=HashGridNeRFConfig)
+    gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     renderer: VolumeRendererConfig = field(default_factory=VolumeRendererConfig)
     guidance: GuidanceConfig = field(default_factory=EmpiricalPriorGuidanceConfig)
@@ -146,6 +149,11 @@ PRESETS: dict[str, RunConfig] = {
         _EMPIRICAL, preset="literal",
         rule=dataclasses.replace(_EMPIRICAL.rule, kind="literal"),
     ),
+    # 3D Gaussians (DreamGaussian's representation) with the built-in prior: albedo renders only.
+    "gaussians": dataclasses.replace(
+        _DEFAULT, preset="gaussians", representation="gaussians", steps=300, validate_every=100,
+        gaussians=GaussiansConfig(opacity_entropy=Ramp(0.0, 0.01, 0.5, 1.0)),
+    ),
     "dreamfusion-sd": dataclasses.replace(_DREAMFUSION, preset="dreamfusion-sd"),
     "dreamfusion-if": dataclasses.replace(
         _DREAMFUSION, preset="dreamfusion-if",
@@ -175,6 +183,7 @@ PRESET_NOTES: dict[str, str] = {
     "empirical": "the exact (empirical) denoiser of ground-truth renders: no learned weights, s=1, 32x32",
     "gaussian": "analytic Gaussian prior N(mean render, 0.5^2 I): a smoke test of the whole path",
     "literal": "the literal diffusion loss through the empirical denoiser (keeps the Jacobian SDS omits)",
+    "gaussians": "3D Gaussians splatted in plain PyTorch with the built-in prior (albedo only), 300 steps",
     "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=101 (threestudio's 100), w=1-abar, 64x64, 10k steps (GPU)",
     "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=21 (threestudio's 20), 64x64, 10k steps (GPU)",
     "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled + CUDA graphs (GPU)",
@@ -322,6 +331,15 @@ def check_config(config: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}.seed must be in 0…2^64−1, not {config.seed}")
     if problems := check_stages(config.stages, config.steps, f"{where}.stages"):
         raise ConfigError(problems[0])
+    if config.representation == "gaussians":
+        if config.renderer.albedo_prob < 1.0:
+            raise ConfigError(
+                f"{where}.renderer.albedo_prob must be 1 with Gaussians (they render albedo only)"
+            )
+        if config.stages:
+            raise ConfigError(f"{where}.stages: Gaussians have no latent warm-up")
+        if config.background.kind != "solid":
+            raise ConfigError(f"{where}.background.kind must be solid with Gaussians")
     return config
 
 

@@ -70,7 +70,7 @@ class MeshOutput:
     faces: np.ndarray  # [F, 3]
     colors: np.ndarray  # [V, 3] uint8 albedo
     iso_level: float
-    silhouette_iou: float  # agreement of the mesh's silhouettes with the rendered opacity
+    silhouette_iou: float | None  # agreement of the mesh's silhouettes with the rendered opacity (NeRF only)
 
 
 @torch.no_grad()

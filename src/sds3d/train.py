@@ -71,8 +71,10 @@ class TrainOutput:
     final_losses: dict[str, float] = field(default_factory=dict)
 
 
-def build_scene(config: RunConfig) -> NeRFScene:
+def build_scene(config: RunConfig) -> Representation:
     torch.manual_seed(config.seed)  # parameter initialisation
+    if config.representation == "gaussians":
+        return config.gaussians.build(config.background.color).to(config.device)
     warmup = latent_stage(config.stages)
     channels = 0 if warmup is None else warmup.latent_channels
     scene = NeRFScene(config.nerf, config.background, config.renderer, config.regularizers, channels)
@@ -100,7 +102,7 @@ def build_optimizer(
     )  # fmt: skip
 
 
-def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, NeRFScene, int]:
+def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, Representation, int]:
     """The config, scene and step of a run folder's newest usable checkpoint (runs.py)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -116,12 +118,12 @@ def load_scene(run_dir: Path, device: str = "cpu") -> tuple[RunConfig, NeRFScene
     runs.load_state(scene, state["scene"], f"the checkpoint in {run_dir / 'checkpoints'}")
     step = int(state["step"])
     if is_latent(config, step):  # stopped in the latent warm-up: show it in colour from here on
-        scene.latents_to_rgb_()
+        cast(NeRFScene, scene).latents_to_rgb_()  # latent stages are the NeRF's (check_config)
     return config, scene, step
 
 
 def save_checkpoint(
-    run_dir: Path, scene: NeRFScene, rules: nn.ModuleList, optimizer: torch.optim.Optimizer, step: int,
+    run_dir: Path, scene: Representation, rules: nn.ModuleList, optimizer: torch.optim.Optimizer, step: int,
     rng_state: torch.Tensor,
 ) -> None:  # fmt: skip
     state = {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state}
@@ -133,7 +135,7 @@ def save_checkpoint(
 def resume_from_checkpoint(
     config: RunConfig,
     run_dir: Path,
-    scene: NeRFScene,
+    scene: Representation,
     rules: nn.ModuleList,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
@@ -177,11 +179,11 @@ def validation_cameras(config: RunConfig):
 
 
 @torch.no_grad()
-def save_validation(config: RunConfig, scene: NeRFScene, path: Path, latent: bool = False) -> None:
+def save_validation(config: RunConfig, scene: Representation, path: Path, latent: bool = False) -> None:
     import imageio.v2 as imageio
 
     out = scene.render(validation_cameras(config).to(config.device), random_background=False, latent=latent)
-    rgb = scene.preview_rgb(out.rgb) if latent else out.rgb
+    rgb = cast(NeRFScene, scene).preview_rgb(out.rgb) if latent else out.rgb
     row = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     imageio.imwrite(path, (np.concatenate(list(row), axis=1) * 255 + 0.5).astype(np.uint8))
@@ -270,7 +272,7 @@ def _train(
     optimizer = build_optimizer(config, scene, stage_rules)
     generator = torch.Generator().manual_seed(config.seed)
     if latent_maps is not None:  # fitted afresh each time; a resumed run keeps its checkpoint's maps
-        scene.set_latent_maps(*latent_maps)
+        cast(NeRFScene, scene).set_latent_maps(*latent_maps)
     start = 0
     if resume:
         start = resume_from_checkpoint(config, run_dir, scene, rules, optimizer, generator)
@@ -321,7 +323,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scene.post_step(step_ratio)
+            scene.post_step(step_ratio, optimizer)
             last = {k: v.detach() for k, v in terms.items()} | {
                 "loss": loss.detach(),
                 "grad_norm": g.grad_norm.detach(),
@@ -396,6 +398,6 @@ def _report(stats: list[float], done: int, bar: tqdm, run_dir: Path) -> None:
     bar.set_postfix(loss=f"{value:.4g}", t=int(t_shown))
 
 
-def _finite(scene: NeRFScene) -> torch.Tensor:
+def _finite(scene: Representation) -> torch.Tensor:
     """A 0-d bool tensor (no host sync): every parameter is finite."""
     return torch.stack([torch.isfinite(p).all() for p in scene.parameters()]).all()

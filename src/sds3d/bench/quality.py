@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=int, help="only the first N prompts of the selection (for smoke tests)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="default", help="the preset every prompt runs (default: default)")
     parser.add_argument(
         "--rule", default="sds", help="the distillation rule (`sds3d rules`), the preset's settings"
     )
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rule not in RULES:
         parser.error(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
-    base = dataclasses.replace(preset("default"), device=args.device)
+    base = dataclasses.replace(preset(args.preset), device=args.device)
     base.rule = with_rule(base.rule, args.rule)
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
@@ -187,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "sds3d bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {variant: summarise(rows) for variant, rows in results.items()}
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-              "preset": "default", "rule": args.rule, "steps": base.steps, "model": getattr(base.guidance, "model", None),
+              "preset": args.preset, "rule": args.rule, "steps": base.steps, "model": getattr(base.guidance, "model", None),
               "seed": args.seed, "summary": summary, "results": results}  # fmt: skip
     machine = report["machine"]
     lines = [
-        "# 3D quality against the ground truth: the default preset with the learned prior"
+        f"# 3D quality against the ground truth: the {args.preset} preset with the learned prior"
         + ("" if args.rule == "sds" else f", rule {args.rule}"),
         "",
         f"Command: `{report['command']}` ({report['date']}), seed {args.seed}, {base.steps} steps per prompt  ",

@@ -50,10 +50,19 @@ class Representation(nn.Module):
     def to_mesh(self, config: ExportConfig) -> MeshOutput:
         raise NotImplementedError
 
+    def render_turntable(self, config: ExportConfig, shading: Shading, progress: bool = False) -> Any:
+        """Renders of the representation itself on the export's orbit ([N, H, W, 3] uint8)."""
+        raise NotImplementedError
+
     def start_stage(self, previous_render: str, render: str) -> None:
         """A stage that renders `render` begins after one that rendered `previous_render`."""
         if previous_render != render:
             raise ValueError(f"{type(self).__name__} cannot go from rendering {previous_render} to {render}")
 
-    def post_step(self, step_ratio: float) -> None:
-        """After each optimiser step; nothing by default."""
+    def post_step(self, step_ratio: float, optimizer: Any = None) -> None:
+        """After each optimiser step, with the optimiser (whose state follows parameters that
+        densification grows or prunes); nothing by default."""
+
+    def write_extras(self, run_dir: Any) -> dict[str, Any]:
+        """Files besides the mesh that the export writes ({name: path}); none by default."""
+        return {}

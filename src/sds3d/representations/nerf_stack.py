@@ -46,6 +46,8 @@ STACKED_NAMES = {
 
 def stack_problem(config: RunConfig) -> str | None:
     """Why scenes of `config` cannot be stacked, or None when they can."""
+    if config.representation != "nerf":
+        return f"{config.representation} (only NeRFs stack)"
     if config.background.kind == "learned":
         return "a learned background"
     if config.nerf.normal_type != "analytic":
