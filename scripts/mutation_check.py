@@ -71,6 +71,19 @@ MUTATIONS = [
     ('batch_ray.py', '            queue.appendleft(chunk)', '            pass', 'tests/test_batch.py -k ray'),
     ('bench/study.py', 'return out + list(open_.values()) + alone', 'return alone + out + list(open_.values())', 'tests/test_study.py -k waves'),
     ('bench/study.py', 'return deadline is not None and time.time() >= deadline', 'return False', 'tests/test_study.py -k time_limit'),
+    ('app.py', '.then(handler, args, streamed, concurrency_id="train", concurrency_limit=1)', '.then(handler, args, streamed, concurrency_id="train", concurrency_limit=None)', 'tests/test_app.py -k queue'),
+    ('app.py', 'config.seed = _whole(seed, "seed", minimum=0)', '_whole(seed, "seed", minimum=0)', 'tests/test_app.py -k settings_reach'),
+    ('app.py', 'config.validate_every = max(1, config.steps // VALIDATIONS_SHOWN)', 'pass', 'tests/test_app.py -k settings_reach'),
+    ('app.py', '        event = self._stops.get(session)\n', '        event = None\n', 'tests/test_app.py -k stop_keeps'),
+    ('app.py', '                stop.set()\n                thread.join()', '                thread.join()', 'tests/test_app.py -k closing'),
+    ('render/splat.py', 'order = torch.argsort(depth.detach(), dim=1)', 'order = torch.argsort(-depth.detach(), dim=1)', 'tests/test_gaussians.py -k nearer'),
+    ('render/splat.py', 'cov2d = cov2d + LOW_PASS_PX2 * torch.eye', 'cov2d = cov2d + 0 * torch.eye', 'tests/test_gaussians.py -k closed_form'),
+    ('render/splat.py', 'focal * p[..., 0] / z**2', '-focal * p[..., 0] / z**2', 'tests/test_gaussians.py -k twin'),
+    ('representations/gaussians.py', 'self.log_scales[split] -= math.log(1.6)', 'pass', 'tests/test_gaussians.py -k densify_clones'),
+    ('representations/gaussians.py', '{k: v if k == "step" else moments(v) for k, v in state.items()}', '{}', 'tests/test_gaussians.py -k densify_clones'),
+    ('representations/gaussians.py', 'or not c.densify_from <= step_ratio < c.densify_until', 'or False', 'tests/test_gaussians.py -k schedule'),
+    ('representations/gaussians.py', 'self.means.clamp_(-c.bound, c.bound)', 'pass', 'tests/test_gaussians.py -k box'),
+    ('representations/gaussians.py', 'lambda x: x[keep]', 'lambda x: x', 'tests/test_gaussians.py -k densify_clones'),
 ]
 # fmt: on
 

@@ -13,6 +13,7 @@ run waits in Gradio's queue rather than fighting for the CPU). Bad input gives t
 
 import dataclasses
 import json
+import os
 import queue
 import threading
 import time
@@ -384,6 +385,7 @@ def _session(request) -> str:
 
 def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Start the page at http://host:port; with `block=False` return (app, url) at once."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page reports nothing anywhere
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -28,6 +28,7 @@ import os
 import pickle
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,9 @@ def _read_checkpoint(path: Path, digests: set[str], map_location: str) -> dict[s
             f"{path} is corrupt (its SHA-256 does not match the one recorded when it was written)"
         )
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: our one line says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Unsupported" in str(err) or "global" in str(err).lower():
             raise UserError(
