@@ -11,7 +11,8 @@ averages the gradient of the *projected* mean; here it is the world mean's (no h
 renderer), so `grad_threshold` is on a different scale than the paper's 0.0002.
 
 Only albedo shading: a Gaussian has no normal of its own (GaussianShader's shortest axis is a
-later step), so `check` refuses lambertian and textureless shading and latent stages.
+later step), so `config.check_config` refuses lambertian and textureless shading, latent stages
+and learned backgrounds.
 """
 
 from __future__ import annotations
