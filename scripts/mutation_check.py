@@ -84,6 +84,7 @@ MUTATIONS = [
     ('representations/gaussians.py', 'or not c.densify_from <= step_ratio < c.densify_until', 'or False', 'tests/test_gaussians.py -k schedule'),
     ('representations/gaussians.py', 'self.means.clamp_(-c.bound, c.bound)', 'pass', 'tests/test_gaussians.py -k box'),
     ('representations/gaussians.py', 'lambda x: x[keep]', 'lambda x: x', 'tests/test_gaussians.py -k densify_clones'),
+    ('bench/batch.py', '    sys.exit(_command())', '    sys.exit(main())', 'tests/test_batch.py -k combine'),
 ]
 # fmt: on
 

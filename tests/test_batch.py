@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -244,6 +246,13 @@ def test_bench_combine_merges_runs_of_one_lease_and_refuses_two_machines(tmp_pat
     )
     with pytest.raises(UserError, match="different machines"):
         bench.combine([a, run("c", [2], seq, gpu="H200")])
+    (tmp_path / "torn.json").write_text('{"command": ')
+    for bad, words in ((tmp_path / "torn.json", "not a report"), (tmp_path / "none.json", "not a report"),
+                       (tmp_path / "both.md", "not a report")):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "sds3d.bench.batch", "--combine", str(a), str(bad)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("sds3d: error: ") and words in proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def test_ray_batch_shards_over_two_workers_and_redoes_a_killed_workers_prompts(tmp_path):

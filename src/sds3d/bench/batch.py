@@ -80,7 +80,17 @@ def measure_sequential(n: int, device: str, steps: int, work: Path) -> dict:
 def combine(paths: list[Path]) -> dict:
     """One report from runs of this benchmark made on one machine in one lease (a device command
     has a time limit): their K rows together, the sequential baseline from the run that has it."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not a report of this benchmark ({type(err).__name__}: {err})") from None
+    if any(
+        not isinstance(r, dict) or not {"device", "steps", "compile", "machine", "batch"} <= set(r)
+        for r in runs
+    ):
+        raise UserError("--combine takes the .json reports of `python -m sds3d.bench.batch`")
     first = runs[0]
     for run in runs[1:]:
         for field in ("device", "steps", "compile"):
@@ -161,5 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _command(argv: list[str] | None = None) -> int:
+    """`main` as a command: bad input is one line and exit code 2, as in the `sds3d` CLI."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"sds3d: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command())
