@@ -72,7 +72,7 @@ MUTATIONS = [
     ('bench/study.py', 'return out + list(open_.values()) + alone', 'return alone + out + list(open_.values())', 'tests/test_study.py -k waves'),
     ('bench/study.py', 'return deadline is not None and time.time() >= deadline', 'return False', 'tests/test_study.py -k time_limit'),
     ('app.py', '.then(handler, args, streamed, concurrency_id="train", concurrency_limit=1)', '.then(handler, args, streamed, concurrency_id="train", concurrency_limit=None)', 'tests/test_app.py -k queue'),
-    ('app.py', 'config.seed = _whole(seed, "seed", minimum=0)', '_whole(seed, "seed", minimum=0)', 'tests/test_app.py -k settings_reach'),
+    ('app.py', 'config.seed = _cli_number(seed, "--seed", "seed")', '_cli_number(seed, "--seed", "seed")', 'tests/test_app.py -k settings_reach'),
     ('app.py', 'config.validate_every = max(1, config.steps // VALIDATIONS_SHOWN)', 'pass', 'tests/test_app.py -k settings_reach'),
     ('app.py', '        event = self._stops.get(session)\n', '        event = None\n', 'tests/test_app.py -k stop_keeps'),
     ('app.py', '                stop.set()\n                thread.join()', '                thread.join()', 'tests/test_app.py -k closing'),
@@ -85,6 +85,8 @@ MUTATIONS = [
     ('representations/gaussians.py', 'self.means.clamp_(-c.bound, c.bound)', 'pass', 'tests/test_gaussians.py -k box'),
     ('representations/gaussians.py', 'lambda x: x[keep]', 'lambda x: x', 'tests/test_gaussians.py -k densify_clones'),
     ('bench/batch.py', '    sys.exit(_command())', '    sys.exit(main())', 'tests/test_batch.py -k combine'),
+    ('app.py', 'if info.status != "stopped":', 'if info.status == "done":', 'tests/test_app.py -k stop_keeps'),
+    ('representations/gaussians.py', '            self._steps = int(state_dict[prefix + "steps_seen"])', '            pass', 'tests/test_gaussians.py -k resumes'),
 ]
 # fmt: on
 

@@ -51,11 +51,20 @@ def test_bad_input_gives_the_clis_one_line(tmp_path, capsys, prompt, preset, ste
 
 
 @pytest.mark.parametrize(
-    "steps, seed, words", [(0, 0, "steps"), (2.5, 0, "steps"), ("x", 0, "steps"), (5, -1, "seed")]
+    "steps, seed, cli_args",
+    [
+        (0, 0, ["--steps", "0"]),
+        (2.5, 0, ["--steps", "2.5"]),
+        ("x", 0, ["--steps", "x"]),
+        (5, -1, ["--seed", "-1"]),
+    ],
 )
-def test_bad_numbers_are_one_line(tmp_path, steps, seed, words):
-    with pytest.raises(UserError, match=words):
+def test_bad_numbers_are_the_clis_one_line(tmp_path, capsys, steps, seed, cli_args):
+    with pytest.raises(UserError) as err:
         Studio(tmp_path).config_for("a red cube", "fast", steps, seed)
+    assert str(err.value) == _cli_error(
+        capsys, ["generate", "a red cube", *cli_args, "--out", str(tmp_path / "c")]
+    )
 
 
 def test_settings_reach_the_config_and_the_prior_is_loaded_once(tmp_path, monkeypatch):
@@ -95,9 +104,14 @@ def test_stop_keeps_a_checkpoint_and_resume_finishes(tmp_path):
     assert run_info(info.path).status == "done" and run_info(info.path).thumbnail.name == "turntable.gif"
     with pytest.raises(UserError, match="finished"):
         list(studio.resume(info.path, "tab"))
+    untrained = studio.outputs / "untrained"
+    untrained.mkdir()
+    (untrained / "config.json").write_text((info.path / "config.json").read_text())
+    with pytest.raises(UserError, match="not trained yet"):
+        list(studio.resume(untrained, "tab"))
     (tmp_path / "outputs" / "junk").mkdir()  # not a run: not listed
     (tmp_path / "outputs" / "junk" / "config.json").write_text("{oops")
-    assert [i.path for i in list_runs(studio.outputs)] == [info.path]
+    assert {i.path: i.status for i in list_runs(studio.outputs)} == {info.path: "done", untrained: "new"}
 
 
 def test_runs_queue_and_stop_runs_beside_them(tmp_path):

@@ -231,6 +231,7 @@ def test_a_gaussian_run_resumes_after_its_count_changed_and_exports(tmp_path):
     _, scene, step = load_scene(run)
     grown = len(scene)
     assert step == 6 and grown > 300
+    assert scene._steps == 6  # the densify schedule's count comes back with the checkpoint
     done = generate(config, run, resume=True, progress=False)
     assert done.train.steps_done == 12 and not done.train.interrupted
     assert {"glb", "splats", "gif"} <= set(done.files) and (run / "splats.ply").stat().st_size > 1000

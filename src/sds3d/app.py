@@ -131,8 +131,8 @@ class Studio:
         if preset_name not in PRESETS:
             raise UserError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         config = dataclasses.replace(preset(preset_name), prompt=text)
-        config.steps = _whole(steps, "steps", minimum=1)
-        config.seed = _whole(seed, "seed", minimum=0)
+        config.steps = _cli_number(steps, "--steps", "positive_int")
+        config.seed = _cli_number(seed, "--seed", "seed")
         if self.device is not None:
             config.device = self.device
         check_device(config.device)
@@ -170,12 +170,13 @@ class Studio:
         info = run_info(run_dir)
         if info is None:
             raise UserError(f"{run_dir} is not an sds3d run folder (no readable config.json)")
-        if info.status == "done":
-            raise UserError(f"{run_dir.name} is finished; there is nothing to resume")
+        if info.status != "stopped":
+            raise UserError(f"{run_dir.name} is {'finished' if info.status == 'done' else 'not trained yet'}; "
+                            "there is nothing to resume")  # fmt: skip
         config = load_config(run_dir / "config.json")
         if self.device is not None:
             config.device = self.device
-        yield from self._follow(config, run_dir, resume=info.status == "stopped", session=session)
+        yield from self._follow(config, run_dir, resume=True, session=session)
 
     def stop(self, session: str = "") -> bool:
         """Ask the session's running run to stop after its current step; False if none runs."""
@@ -237,14 +238,18 @@ class Studio:
                 self._stops.pop(session, None)
 
 
-def _whole(value: Any, name: str, minimum: int) -> int:
+def _cli_number(value: Any, flag: str, parser: str) -> int:
+    """A number field read by the CLI's own argument parser (`cli._positive_int`, `cli._seed`), so
+    that a bad value gets the CLI's message; Gradio's numbers come as floats (30.0)."""
+    import argparse
+
+    from sds3d import cli
+
+    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number, not {value!r}") from None
-    if number != int(number) or number < minimum:
-        raise UserError(f"{name} must be a whole number ≥ {minimum}, not {value!r}")
-    return int(number)
+        return getattr(cli, f"_{parser}")(text)
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"argument {flag}: {err}") from None
 
 
 def _newest(run_dir: Path) -> Path | None:

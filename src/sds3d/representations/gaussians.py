@@ -98,6 +98,7 @@ class GaussianScene(Representation):
         self.register_buffer("background", torch.tensor(background, dtype=torch.float32))
         self.register_buffer("grad_sum", torch.zeros(n))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self._steps = 0
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -161,8 +162,12 @@ class GaussianScene(Representation):
         if self.means.grad is not None:
             self.grad_sum += self.means.grad.norm(dim=-1)
         self.steps_seen += 1
-        steps = int(self.steps_seen)
-        if optimizer is None or steps % c.densify_every or not c.densify_from <= step_ratio < c.densify_until:
+        self._steps += 1  # the host's count of steps_seen: no device sync in the training step
+        if (
+            optimizer is None
+            or self._steps % c.densify_every
+            or not c.densify_from <= step_ratio < c.densify_until
+        ):
             return
         self.densify_and_prune(optimizer, self.grad_sum / c.densify_every)
         self.grad_sum = torch.zeros(len(self), device=self.means.device)
@@ -175,7 +180,7 @@ class GaussianScene(Representation):
         grow = (grad_mean > c.grad_threshold).nonzero().flatten()
         grow = grow[torch.argsort(grad_mean[grow], descending=True)][:room]
         clone, split = grow[largest[grow] <= c.dense_scale], grow[largest[grow] > c.dense_scale]
-        gen = torch.Generator().manual_seed(int(self.steps_seen))
+        gen = torch.Generator().manual_seed(self._steps)
         new: dict[str, torch.Tensor] = {name: getattr(self, name)[clone] for name in PARAMS}
         if len(split):  # a large Gaussian becomes two, drawn from it, each 1/1.6 the size (3DGS)
             std = torch.exp(self.log_scales[split])
@@ -228,6 +233,8 @@ class GaussianScene(Representation):
                 else:
                     setattr(self, name, state_dict[key].new_zeros(state_dict[key].shape).to(target.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "steps_seen" in state_dict:
+            self._steps = int(state_dict[prefix + "steps_seen"])
 
     # --- outputs ------------------------------------------------------------------------------
     @torch.no_grad()
