@@ -3,6 +3,7 @@ statistics of the report, and one line + exit 2 for every bad spec."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -124,6 +125,20 @@ def test_cells_share_settings_and_go_seed_by_seed(tmp_path):
     # where a cell runs is not part of what it is
     assert [c.key for c in study.cells(spec, "cuda")] == [c.key for c in cells]
 
+
+
+def test_the_committed_cells_keep_their_keys():
+    """A cell's file name is its config's hash: a new config field must not orphan the committed
+    cells (benchmarks/study_*.json). The key of the rules study's base was measured before the
+    Gaussians existed; their section and `representation = "nerf"` stay out of it."""
+    base = study.points(study.load_spec(Path("studies/rules.toml")))[0][1]
+    assert study.config_key(base) == "71dc6ae95b4e3a3c"
+    gaussians = dataclasses.replace(base, representation="gaussians")
+    assert study.config_key(gaussians) != study.config_key(base)
+    # the Gaussians' own settings count only when Gaussians train
+    other = dataclasses.replace(base.gaussians, num_init=7)
+    assert study.config_key(dataclasses.replace(base, gaussians=other)) == study.config_key(base)
+    assert study.config_key(dataclasses.replace(gaussians, gaussians=other)) != study.config_key(gaussians)
 
 # --- statistics -----------------------------------------------------------------------------------
 def _row(seed, prompt, shape_ok, iou, true_shape="cube"):

@@ -83,6 +83,11 @@ ALIASES = {"weighting": "rule.weighting", "t_schedule": "rule.t_schedule", "cfg"
            "prior": "guidance.model", "steps": "steps"}  # fmt: skip
 # Not part of a cell's identity: where it ran and how often it wrote checkpoints or validation renders.
 NOT_IN_KEY = ("device", "validate_every", "checkpoint_every", "prompt", "seed")
+# Fields added after cells were measured, left out of the key while they hold the value that every
+# earlier cell implicitly had, so committed cells stay found (`tests/test_study.py` pins a key).
+KEY_SINCE_ADDED = {"representation": "nerf"}
+# A representation's own section is part of the key only when that representation trains.
+REPRESENTATION_SECTIONS = {"gaussians": "gaussians"}
 
 
 @dataclass
@@ -201,6 +206,12 @@ def points(spec: StudySpec) -> list[tuple[Point, RunConfig]]:
 
 def config_key(config: RunConfig) -> str:
     data = {k: v for k, v in to_dict(config).items() if k not in NOT_IN_KEY}
+    for field, implicit in KEY_SINCE_ADDED.items():
+        if data.get(field) == implicit:
+            del data[field]
+    for section, representation in REPRESENTATION_SECTIONS.items():
+        if config.representation != representation:
+            data.pop(section, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
