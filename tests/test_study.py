@@ -126,7 +126,6 @@ def test_cells_share_settings_and_go_seed_by_seed(tmp_path):
     assert [c.key for c in study.cells(spec, "cuda")] == [c.key for c in cells]
 
 
-
 def test_the_committed_cells_keep_their_keys():
     """A cell's file name is its config's hash: a new config field must not orphan the committed
     cells (benchmarks/study_*.json). The key of the rules study's base was measured before the
@@ -139,6 +138,7 @@ def test_the_committed_cells_keep_their_keys():
     other = dataclasses.replace(base.gaussians, num_init=7)
     assert study.config_key(dataclasses.replace(base, gaussians=other)) == study.config_key(base)
     assert study.config_key(dataclasses.replace(gaussians, gaussians=other)) != study.config_key(gaussians)
+
 
 # --- statistics -----------------------------------------------------------------------------------
 def _row(seed, prompt, shape_ok, iou, true_shape="cube"):

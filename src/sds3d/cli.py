@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", help="diffusers folder or hub id of the diffusers prior (implies --prior diffusers)"
     )
+    g.add_argument(
+        "--from", dest="from_run", type=Path, metavar="RUN_DIR",
+        help="refine the mesh of a finished run (the refine preset unless --preset; PROMPT defaults to the run's)",
+    )  # fmt: skip
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
     g.add_argument("--seed", type=_seed, help="random seed, 0…2^64−1 (default: the preset's, 0)")
     g.add_argument(
@@ -167,6 +171,15 @@ def _resolve_config(args: argparse.Namespace):
 
     if args.config is not None and (args.resume or args.preset):
         raise UserError(f"--config cannot be combined with {'--resume' if args.resume else '--preset'}")
+    from_run = getattr(args, "from_run", None)
+    if from_run is not None:
+        if args.resume or args.config is not None:
+            raise UserError(f"--from cannot be combined with {'--resume' if args.resume else '--config'}")
+        if not (from_run / "config.json").is_file():
+            raise UserError(f"--from {from_run} is not an sds3d run folder (no config.json)")
+        if args.prompt is None:
+            args.prompt = load_config(from_run / "config.json").prompt
+        args.preset = args.preset or "refine"
     if args.prompt is None and args.config is None and not args.resume:
         raise UserError("the following arguments are required: prompt")
     prompt = None if args.prompt is None else validate_prompt(args.prompt)
@@ -208,6 +221,16 @@ def _resolve_config(args: argparse.Namespace):
             config.rule = with_rule(config.rule, args.rule)  # the preset's t, w(t) and CFG
         if args.seed is not None:
             config.seed = args.seed
+        if from_run is not None:
+            if config.representation != "mesh":
+                raise UserError(
+                    f"--from starts a mesh stage; preset {config.preset!r} trains a {config.representation}"
+                )
+            config.mesh = dataclasses.replace(config.mesh, from_previous=str(from_run))
+        elif config.representation == "mesh" and not config.mesh.from_previous:
+            raise UserError(
+                f"preset {config.preset!r} refines a finished run: give its folder with --from RUN_DIR"
+            )
         if args.latent_warmup is not None:
             if args.latent_warmup < 0:
                 raise UserError(f"--latent-warmup must be 0 or more steps, not {args.latent_warmup}")

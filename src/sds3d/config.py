@@ -31,6 +31,7 @@ from sds3d.ramp import Ramp
 from sds3d.render.volume import VolumeRendererConfig
 from sds3d.representations.encodings import HashGridConfig
 from sds3d.representations.gaussians import GaussiansConfig
+from sds3d.representations.mesh import MeshRefineConfig
 from sds3d.representations.nerf import BackgroundConfig, HashGridNeRFConfig
 from sds3d.representations.nerf_scene import RegularizerConfig
 from sds3d.rules import RULE_CONFIGS, RuleConfig, SDSRuleConfig
@@ -66,9 +67,10 @@ class RunConfig:
     checkpoint_every: int = 100
     camera: CameraConfig = field(default_factory=CameraConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    representation: Literal["nerf", "gaussians"] = "nerf"  # what is trained: `nerf` or `gaussians`
+    representation: Literal["nerf", "gaussians", "mesh"] = "nerf"  # what is trained (mesh: a refine stage)
     nerf: HashGridNeRFConfig = field(default_factory=HashGridNeRFConfig)
     gaussians: GaussiansConfig = field(default_factory=GaussiansConfig)
+    mesh: MeshRefineConfig = field(default_factory=MeshRefineConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     renderer: VolumeRendererConfig = field(default_factory=VolumeRendererConfig)
     guidance: GuidanceConfig = field(default_factory=EmpiricalPriorGuidanceConfig)
@@ -154,6 +156,15 @@ PRESETS: dict[str, RunConfig] = {
         _DEFAULT, preset="gaussians", representation="gaussians", steps=300, validate_every=100,
         gaussians=GaussiansConfig(opacity_entropy=Ramp(0.0, 0.01, 0.5, 1.0)),
     ),
+    # The mesh refinement stage after any coarse run (`sds3d generate --preset refine --from RUN`):
+    # its exported mesh, vertex colours and positions trained by SDS through the differentiable
+    # rasteriser, half the steps lit (the positions' gradient comes through the shading), at lower
+    # noise (t_max 0.5 → 0.2: details, not layout).
+    "refine": dataclasses.replace(
+        _DEFAULT, preset="refine", representation="mesh", steps=200, validate_every=100,
+        renderer=VolumeRendererConfig(albedo_prob=0.5),
+        rule=SDSRuleConfig(guidance_scale=3.0, t_schedule="linear", t_max=0.5, t_max_end=0.2),
+    ),
     "dreamfusion-sd": dataclasses.replace(_DREAMFUSION, preset="dreamfusion-sd"),
     "dreamfusion-if": dataclasses.replace(
         _DREAMFUSION, preset="dreamfusion-if",
@@ -184,6 +195,7 @@ PRESET_NOTES: dict[str, str] = {
     "gaussian": "analytic Gaussian prior N(mean render, 0.5^2 I): a smoke test of the whole path",
     "literal": "the literal diffusion loss through the empirical denoiser (keeps the Jacobian SDS omits)",
     "gaussians": "3D Gaussians splatted in plain PyTorch with the built-in prior (albedo only), 300 steps",
+    "refine": "a mesh stage after any run (--from RUN): vertex colours and positions by SDS, 200 steps",
     "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=101 (threestudio's 100), w=1-abar, 64x64, 10k steps (GPU)",
     "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=21 (threestudio's 20), 64x64, 10k steps (GPU)",
     "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled + CUDA graphs (GPU)",
@@ -340,6 +352,13 @@ def check_config(config: RunConfig, where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}.stages: Gaussians have no latent warm-up")
         if config.background.kind != "solid":
             raise ConfigError(f"{where}.background.kind must be solid with Gaussians")
+    if config.representation == "mesh":
+        if config.stages:
+            raise ConfigError(f"{where}.stages: a mesh has no latent warm-up")
+        if config.background.kind != "solid":
+            raise ConfigError(f"{where}.background.kind must be solid with a mesh")
+        if config.mesh.supersample < 1:
+            raise ConfigError(f"{where}.mesh.supersample must be 1 or more, not {config.mesh.supersample}")
     return config
 
 

@@ -75,10 +75,31 @@ def build_scene(config: RunConfig) -> Representation:
     torch.manual_seed(config.seed)  # parameter initialisation
     if config.representation == "gaussians":
         return config.gaussians.build(config.background.color).to(config.device)
+    if config.representation == "mesh":  # empty: `start_from_previous` or a checkpoint fills it
+        return config.mesh.build(config.background.color).to(config.device)
     warmup = latent_stage(config.stages)
     channels = 0 if warmup is None else warmup.latent_channels
     scene = NeRFScene(config.nerf, config.background, config.renderer, config.regularizers, channels)
     return scene.to(config.device)
+
+
+def start_from_previous(config: RunConfig, scene: Representation, run_dir: Path) -> None:
+    """A mesh stage's first step: the mesh of the run it refines (`config.mesh.from_previous`)."""
+    if config.representation != "mesh":
+        return
+    from sds3d.representations.mesh import MeshScene, load_previous_mesh
+
+    if not config.mesh.from_previous:
+        raise UserError(
+            "the mesh stage starts from a finished run: give its folder (--from RUN, mesh.from_previous)"
+        )
+    previous = Path(config.mesh.from_previous)
+    if previous.resolve() == run_dir.resolve():
+        raise UserError(
+            f"a mesh stage cannot refine the run in its own folder ({run_dir}); give it another --out"
+        )
+    mesh = load_previous_mesh(previous)
+    cast(MeshScene, scene).set_mesh(mesh.vertices, mesh.faces, mesh.colors)
 
 
 def build_prior(config: RunConfig) -> Prior:
@@ -280,8 +301,10 @@ def _train(
             raise UserError(
                 f"{run_dir} is already at step {start}; pass --steps {start} or more to resume it"
             )
-    elif runs.user_entries(run_dir):
-        runs.clear_run(run_dir)  # --overwrite, every argument checked
+    else:
+        start_from_previous(config, scene, run_dir)
+        if runs.user_entries(run_dir):
+            runs.clear_run(run_dir)  # --overwrite, every argument checked
     runs.mark_run(run_dir)
     save_config(config, run_dir / "config.json")
 

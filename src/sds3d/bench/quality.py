@@ -14,6 +14,12 @@ Per prompt: train with the default preset, export the mesh as `sds3d generate` d
 - seconds: training + export, wall clock.
 Variants are ablations of the default: `no-camera` gives the prior the "no camera" label instead of
 the rendering camera; `no-view-prompts` drops the view suffixes (", side view", …) from the prompt.
+
+`--refine` adds the mesh refinement stage (the `refine` preset, representations/mesh.py) after each
+run, as variant `<variant>+refine`: the refined mesh scored the same way (its PSNR from renders of
+the mesh), and beside it `mesh PSNR`, the same renders of the mesh before refinement: the NeRF's
+volume renders, the exported mesh and the refined mesh side by side. Seconds: the refine stage only.
+`--combine A.json B.json …` joins reports of disjoint prompt sets (shards run at once on one GPU).
 """
 
 from __future__ import annotations
@@ -91,6 +97,25 @@ def score_run(run_dir: Path, obj: WorldObject, device: str = "cpu") -> dict:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def mesh_psnr(run_dir: Path, obj: WorldObject) -> float:
+    """PSNR (dB) of renders of a run's exported mesh (as the refine stage starts from it)."""
+    from sds3d.cameras import turntable_cameras
+    from sds3d.config import load_config
+    from sds3d.representations.mesh import MeshRefineConfig, load_previous_mesh
+    from sds3d.world.metrics import psnr
+    from sds3d.world.render import render_object
+
+    mesh = load_previous_mesh(run_dir)
+    scene = MeshRefineConfig().build()
+    scene.set_mesh(mesh.vertices, mesh.faces, mesh.colors)
+    export = load_config(run_dir / "config.json").export
+    cams = turntable_cameras(PSNR_VIEWS, PSNR_ELEVATION_DEG, export.view_radius, export.view_fovy_deg,
+                             PSNR_RESOLUTION, PSNR_RESOLUTION)  # fmt: skip
+    ours = torch.cat([scene.render(cams[i]).rgb for i in range(len(cams))])
+    return psnr(ours.clamp(0, 1).numpy(), render_object(obj, cams).rgb.numpy())
+
+
 def run_prompt(config: RunConfig, workdir: Path, rows: list | None = None) -> dict:
     """Train, export and score one prompt; with `rows`, append a labelled strip of turntable frames."""
     from sds3d.api import generate
@@ -115,6 +140,51 @@ def run_prompt(config: RunConfig, workdir: Path, rows: list | None = None) -> di
     return row
 
 
+def refine_prompt(coarse_dir: Path, coarse: dict, config: RunConfig, steps: int | None) -> dict:
+    """The refine stage from a scored run: the refined mesh's row, with the starting mesh's PSNR."""
+    obj = parse_prompt(config.prompt)
+    assert obj is not None
+    if coarse.get("failed"):  # nothing to refine
+        return {**coarse, "mesh_psnr": 0.0, "seconds": 0.0}
+    refine = dataclasses.replace(preset("refine"), prompt=config.prompt, seed=config.seed, device=config.device,
+                                 validate_every=0)  # fmt: skip
+    refine.mesh = dataclasses.replace(refine.mesh, from_previous=str(coarse_dir))
+    if steps is not None:
+        refine.steps = steps
+    row = run_prompt(refine, coarse_dir.with_name(coarse_dir.name + "-refine"))
+    return {**row, "mesh_psnr": round(mesh_psnr(coarse_dir, obj), 2)}
+
+
+def combine(paths: list[Path]) -> dict:
+    """One report from shards over disjoint prompts (same preset, rule, steps and seed)."""
+    import json
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise UserError(f"--combine: cannot read {path} ({err})") from None
+        if not isinstance(reports[-1], dict) or "results" not in reports[-1]:
+            raise UserError(f"--combine: {path} is not a report of `sds3d bench quality`")
+    keys = ("preset", "rule", "steps", "seed", "model")
+    if len({tuple(r.get(k) for k in keys) for r in reports}) > 1:
+        raise UserError(f"--combine: the reports differ in {', '.join(keys)}")
+    results: dict[str, list[dict]] = {}
+    for r in reports:
+        for variant, rows in r["results"].items():
+            results.setdefault(variant, []).extend(rows)
+    for variant, rows in results.items():
+        if len({row["prompt"] for row in rows}) != len(rows):
+            raise UserError(f"--combine: a prompt appears twice in variant {variant}")
+    return {**reports[0], "results": results, "shards": [r["command"] for r in reports]}
+
+
+def _shape(row: dict) -> str | None:
+    obj = parse_prompt(row["prompt"])
+    return None if obj is None else obj.shape
+
+
 def summarise(rows: list[dict]) -> dict:
     return {
         "prompts": len(rows),
@@ -122,6 +192,16 @@ def summarise(rows: list[dict]) -> dict:
         "color_accuracy": round(float(np.mean([r["color_ok"] for r in rows])), 3),
         "mean_iou": round(float(np.mean([r["iou"] for r in rows])), 3),
         "mean_psnr": round(float(np.mean([r["psnr"] for r in rows])), 2),
+        **(
+            {"mean_mesh_psnr": round(float(np.mean([r["mesh_psnr"] for r in rows])), 2)}
+            if rows and "mesh_psnr" in rows[0]
+            else {}
+        ),
+        **(
+            {"cube_iou": round(float(np.mean(cubes)), 3)}
+            if (cubes := [r["iou"] for r in rows if _shape(r) == "cube"])
+            else {}
+        ),
         "seconds_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 1),
     }
 
@@ -146,7 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image", type=Path, help="write turntable frames of the first variant's results here"
     )
+    parser.add_argument("--refine", action="store_true", help="add the mesh refinement stage after each run")
+    parser.add_argument(
+        "--refine-steps", type=int, help="the refine stage's steps (default: the refine preset's)"
+    )
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="join the reports of shards over disjoint prompts into one (runs nothing)")  # fmt: skip
     args = parser.parse_args(argv)
+    command = "sds3d bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.combine:
+        data = combine(args.combine)
+        data["command"] = command.strip()
+        write_quality_report(args.out, args.name, data)
+        return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -180,47 +272,62 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_prompt(config, Path(tmp) / f"{variant}-{i}", keep)
                 results[variant].append(row)
                 print(f"[{variant} {i + 1}/{len(prompts)}] {row}", flush=True)
+                if args.refine:
+                    refined = refine_prompt(Path(tmp) / f"{variant}-{i}", row, config, args.refine_steps)
+                    results.setdefault(f"{variant}+refine", []).append(refined)
+                    print(f"[{variant}+refine {i + 1}/{len(prompts)}] {refined}", flush=True)
     if args.image is not None and strips:
         import imageio.v2 as imageio
 
         args.image.parent.mkdir(parents=True, exist_ok=True)
         imageio.imwrite(args.image, np.concatenate(strips, axis=0))
-    command = "sds3d bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = {variant: summarise(rows) for variant, rows in results.items()}
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "preset": args.preset, "rule": args.rule, "steps": base.steps, "model": getattr(base.guidance, "model", None),
-              "seed": args.seed, "summary": summary, "results": results}  # fmt: skip
+              "seed": args.seed, "results": results}  # fmt: skip
+    write_quality_report(args.out, args.name, report)
+    return 0
+
+
+def write_quality_report(out: Path, name: str, report: dict) -> None:
+    results = report["results"]
+    report["summary"] = summary = {variant: summarise(rows) for variant, rows in results.items()}
+    preset_name, rule, seed, steps = report["preset"], report["rule"], report["seed"], report["steps"]
     machine = report["machine"]
     lines = [
-        f"# 3D quality against the ground truth: the {args.preset} preset with the learned prior"
-        + ("" if args.rule == "sds" else f", rule {args.rule}"),
+        f"# 3D quality against the ground truth: the {preset_name} preset with the learned prior"
+        + ("" if rule == "sds" else f", rule {rule}"),
         "",
-        f"Command: `{report['command']}` ({report['date']}), seed {args.seed}, {base.steps} steps per prompt  ",
+        f"Command: `{report['command']}` ({report['date']}), seed {seed}, {steps} steps per prompt  ",
+        *([f"Shards: {', '.join(f'`{c}`' for c in report['shards'])}  "] if "shards" in report else []),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU {machine['gpu']}, torch {machine['torch']}",
         "",
         "Shape: the primitive with the highest 3D IoU after the best rotation about z. Colour: hue of the "
         "area-weighted vertex albedo. IoU: with the prompt's primitive (64³). PSNR: albedo renders on white "
         f"against ground-truth renders, {PSNR_VIEWS} views at {PSNR_ELEVATION_DEG:.0f}° elevation, "
-        f"{PSNR_RESOLUTION}². Seconds: training + export. Held-out objects were never seen by the prior.",
+        f"{PSNR_RESOLUTION}² (of the trained scene: the NeRF's volume renders, or the refined mesh). "
+        "Mesh PSNR: the same of the exported mesh the refine stage started from. Seconds: training + export "
+        "(+refine: the refine stage only). Held-out objects were never seen by the prior.",
         "",
-        "| variant | prompts | shape accuracy | colour accuracy | mean IoU | mean PSNR (dB) | s / prompt |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | prompts | shape accuracy | colour accuracy | mean IoU | cube IoU | mean PSNR (dB) | mesh PSNR before (dB) | s / prompt |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {v} | {s['prompts']} | {s['shape_accuracy']:.0%} | {s['color_accuracy']:.0%} | {s['mean_iou']:.3f} "
-          f"| {s['mean_psnr']:.2f} | {s['seconds_per_prompt']} |" for v, s in summary.items()],
+          f"| {s.get('cube_iou', float('nan')):.3f} | {s['mean_psnr']:.2f} | {s.get('mean_mesh_psnr', '–')} "
+          f"| {s['seconds_per_prompt']} |" for v, s in summary.items()],
     ]  # fmt: skip
     for variant, rows in results.items():
+        refined = bool(rows) and "mesh_psnr" in rows[0]
         lines += [
             "",
             f"## {variant}",
             "",
-            "| prompt | held out | shape | colour | IoU | PSNR (dB) | seconds |",
-            "|---|---|---|---|---:|---:|---:|",
+            "| prompt | held out | shape | colour | IoU | PSNR (dB) |" + (" mesh PSNR before |" if refined else "") + " seconds |",
+            "|---|---|---|---|---:|---:|" + ("---:|" if refined else "") + "---:|",
             *[f"| {r['prompt']} | {'yes' if r['held_out'] else ''} | {r['shape']}{'' if r['shape_ok'] else ' ✗'} "
-              f"| {r['color']}{'' if r['color_ok'] else ' ✗'} | {r['iou']:.3f} | {r['psnr']:.2f} | {r['seconds']} |"
+              f"| {r['color']}{'' if r['color_ok'] else ' ✗'} | {r['iou']:.3f} | {r['psnr']:.2f} |"
+              + (f" {r['mesh_psnr']:.2f} |" if refined else "") + f" {r['seconds']} |"
               for r in rows],
         ]  # fmt: skip
-    write_report(args.out, args.name, report, lines)
-    return 0
+    write_report(out, name, report, lines)
 
 
 if __name__ == "__main__":

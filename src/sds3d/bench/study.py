@@ -87,7 +87,7 @@ NOT_IN_KEY = ("device", "validate_every", "checkpoint_every", "prompt", "seed")
 # earlier cell implicitly had, so committed cells stay found (`tests/test_study.py` pins a key).
 KEY_SINCE_ADDED = {"representation": "nerf"}
 # A representation's own section is part of the key only when that representation trains.
-REPRESENTATION_SECTIONS = {"gaussians": "gaussians"}
+REPRESENTATION_SECTIONS = {"gaussians": "gaussians", "mesh": "mesh"}
 
 
 @dataclass
@@ -206,9 +206,9 @@ def points(spec: StudySpec) -> list[tuple[Point, RunConfig]]:
 
 def config_key(config: RunConfig) -> str:
     data = {k: v for k, v in to_dict(config).items() if k not in NOT_IN_KEY}
-    for field, implicit in KEY_SINCE_ADDED.items():
-        if data.get(field) == implicit:
-            del data[field]
+    for name, implicit in KEY_SINCE_ADDED.items():
+        if data.get(name) == implicit:
+            del data[name]
     for section, representation in REPRESENTATION_SECTIONS.items():
         if config.representation != representation:
             data.pop(section, None)
