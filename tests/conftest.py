@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -225,3 +227,28 @@ def sds_step(prior, rgb, cond, uncond, step_ratio: float, scale: float, **kwargs
     from sds3d.rules import SDSRuleConfig
 
     return SDSRuleConfig(guidance_scale=scale).build()(prior, rgb, cond, uncond, step_ratio, **kwargs)
+
+
+def make_mesh_run(path, prompt: str = "a red sphere"):
+    """A finished run folder whose exported mesh is an icosphere (a mesh run itself: stages chain)."""
+    import trimesh
+
+    from sds3d import runs
+    from sds3d.config import preset, save_config
+    from sds3d.representations.mesh import MeshScene
+
+    m = trimesh.creation.icosphere(subdivisions=2, radius=0.6)
+    v = torch.tensor(m.vertices, dtype=torch.float32)
+    f = torch.tensor(m.faces, dtype=torch.long)
+    colors = np.random.default_rng(0).uniform(0.1, 0.9, size=(len(m.vertices), 3))
+    config = dataclasses.replace(preset("refine"), prompt=prompt)
+    config.mesh = dataclasses.replace(config.mesh, from_previous="(made by the test)")
+    scene = MeshScene(config.mesh)
+    scene.set_mesh(m.vertices, m.faces, (colors * 255).astype(np.uint8))
+    path.mkdir(parents=True)
+    runs.mark_run(path)
+    save_config(config, path / "config.json")
+    optimizer = torch.optim.Adam(scene.parameters())
+    runs.save_checkpoint(path, {"scene": scene.state_dict(), "optimizer": optimizer.state_dict(),
+                                "step": config.steps, "rng": torch.Generator().get_state()})  # fmt: skip
+    return v, f

@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+from conftest import make_mesh_run
 from sds3d.config import PRESETS, RunConfig, load_config, preset, save_config, to_dict
 from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR
 from sds3d.train import CHECKPOINT, DivergedError, load_scene, train
@@ -92,6 +93,10 @@ OFFLINE_PRESETS = [n for n in PRESETS if getattr(preset(n).guidance, "model", BU
 @pytest.mark.parametrize("name", OFFLINE_PRESETS)
 def test_every_offline_preset_runs_a_few_steps(tmp_path, name):
     config = tiny(name, steps=2)
+    if config.representation == "mesh":  # a stage after a finished run
+        make_mesh_run(tmp_path / "previous")
+        config.mesh = dataclasses.replace(config.mesh, from_previous=str(tmp_path / "previous"))
+        tmp_path = tmp_path / "run"
     out = train(config, tmp_path, progress=False)
     assert out.steps_done == 2 and all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
     assert out.final_losses["grad_norm"] > 0

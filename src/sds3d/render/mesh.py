@@ -177,8 +177,8 @@ def _rasterize_one(
     h, w = camera.height, camera.width
     dev = vertices.device
     cam = camera.c2w[0].float()
-    xy = project(camera, vertices[None].float())[0]  # [V, 2] (column, row)
-    z = ((vertices - cam[:3, 3]) @ -cam[:3, 2]).float()  # distance in front of the camera
+    xy = project(camera, vertices[None].to(camera.c2w.dtype))[0].float()  # [V, 2] (column, row)
+    z = (vertices.float() - cam[:3, 3]) @ -cam[:3, 2]  # distance in front of the camera
     tri, tz = xy[faces], z[faces]  # [F, 3, 2], [F, 3]
     visible = (tz > 1e-4).all(1)
     lo = (tri.amin(1) - 0.5).ceil().clamp(min=0)  # first pixel whose centre may be inside
