@@ -198,7 +198,7 @@ def test_if_layout_t5_and_learned_variance(tiny_if_model, tmp_path):
     assert out.steps_done == 2 and out.final_losses["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("name", ["dreamfusion-sd", "fast-sd", "dreamfusion-if"])
+@pytest.mark.parametrize("name", ["dreamfusion-sd", "fast-sd", "dreamfusion-if", "dreamgaussian-sd"])
 def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     name, tiny_sd_model, tiny_if_model, tmp_path
 ):
@@ -209,9 +209,11 @@ def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     config.camera.width = config.camera.height = 32
     config.renderer.num_samples = 16
     config.nerf.grid.log2_table_size = 15
+    config.gaussians.num_init = 300
     assert isinstance(config.guidance, DiffusersGuidanceConfig) and config.rule.guidance_scale in (
         101.0,
         21.0,
+        100.0,  # DreamGaussian's CFG is already in the diffusers form
     )
     stand_in = tiny_if_model if name.endswith("-if") else tiny_sd_model
     # Compiled parts stay eager on the CPU (their parity with eager is tested in test_render.py).
@@ -223,6 +225,11 @@ def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     assert out.steps_done == 2 and all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
     if name == "dreamfusion-sd":
         assert out.final_losses["orientation"] >= 0 and "sparsity" in out.final_losses
+    if name == "dreamgaussian-sd":  # the Gaussians trained, with SD's gradient in every colour
+        from sds3d.runs import load_checkpoint
+
+        state = load_checkpoint(tmp_path).state["scene"]
+        assert state["means"].shape == (300, 3) and state["color_logits"].abs().sum() > 0
 
 
 def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
@@ -262,6 +269,12 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
     assert rows["vsd"]["floor_ms"]["unet_calls"] == [2, 1]
     assert rows["ism"]["floor_ms"]["unet_ms"] > rows["sds"]["floor_ms"]["unet_ms"]
     assert "| tiny-sd | ism |" in (tmp_path / "rules.md").read_text()
+    # Gaussians: the dreamgaussian-sd preset's step, its render phase the splat.
+    assert main([*args, "--representation", "gaussians", "--out", str(tmp_path), "--name", "gs"]) == 0
+    (row,) = json.loads((tmp_path / "gs.json").read_text())["results"]
+    assert row["representation"] == "gaussians" and row["preset"] == "dreamgaussian-sd"
+    assert row["phases_ms"]["render"] > 0 and row["floor_ms"]["unet_calls"] == [2]
+    assert "| tiny-sd | sds | dreamgaussian-sd | gaussians, 64², 5000 Gaussians" in (tmp_path / "gs.md").read_text()
 
 
 # --- the latent warm-up (Latent-NeRF; threestudio's rgb_as_latents) --------------------------------

@@ -185,6 +185,21 @@ PRESETS: dict[str, RunConfig] = {
         ),
         rule=SDSRuleConfig(guidance_scale=101.0, t_schedule="sqrt", t_min=0.02, t_max=0.98, t_max_end=0.5),
     ),
+    # DreamGaussian's text-to-3D stage (Tang et al. 2023, configs/text.yaml) with SD 1.5: 5,000
+    # Gaussians at first, its learning rates (ours' defaults), densified every 100 steps, 500 steps,
+    # s = 100 (its CFG is already the diffusers form), t's upper end annealed 0.98 → 0.02 (it steps t
+    # down deterministically; here t ~ U[0.02, t_max(step)]), elevations −30…30°, fov 49°, albedo
+    # renders on white. 64×64 renders (it grows them to 512²: the dense splat here is sized for 64²–128²).
+    "dreamgaussian-sd": dataclasses.replace(
+        _DEFAULT, preset="dreamgaussian-sd", representation="gaussians", steps=500, device="cuda",
+        validate_every=100, checkpoint_every=100,
+        camera=CameraConfig(elevation_deg=(-30.0, 30.0), radius=(2.5, 2.5), fovy_deg=(49.1, 49.1), width=64, height=64),
+        gaussians=GaussiansConfig(num_init=5000, max_gaussians=20000, densify_every=100, densify_from=0.2,
+                                  densify_until=1.0),
+        guidance=DiffusersGuidanceConfig(model="runwayml/stable-diffusion-v1-5", dtype="bfloat16"),
+        rule=SDSRuleConfig(guidance_scale=100.0, t_schedule="linear", t_min=0.02, t_max=0.98, t_max_end=0.02),
+        regularizers=RegularizerConfig(),
+    ),
 }  # fmt: skip
 
 
@@ -199,6 +214,7 @@ PRESET_NOTES: dict[str, str] = {
     "dreamfusion-sd": "threestudio's dreamfusion-sd: SD 2.1-base, s=101 (threestudio's 100), w=1-abar, 64x64, 10k steps (GPU)",
     "dreamfusion-if": "threestudio's dreamfusion-if: DeepFloyd IF-I-XL, s=21 (threestudio's 20), 64x64, 10k steps (GPU)",
     "fast-sd": "ours: SD 2.1-base in 3k steps, t annealed, compiled + CUDA graphs (GPU)",
+    "dreamgaussian-sd": "DreamGaussian's text stage: 3D Gaussians with SD 1.5, s=100, 500 steps, 64x64 (GPU)",
 }
 
 

@@ -15,6 +15,9 @@ renders) runs with a `DiffusersGuidance` built from the architecture's published
 SD layout for tests. `--rgb-as-latents` times the latent warm-up's step (Latent-NeRF: the render
 is the latents, no VAE encoder), against the U-Net pair alone as its floor.
 
+`--representation nerf,gaussians` also times the Gaussians' step (the dreamgaussian-sd preset, or
+gaussians with `builtin`): render = the dense splat of render/splat.py; same floor.
+
 `--rule a,b,…` times each distillation rule (`sds3d rules`) with the preset's t, w(t) and CFG. A
 rule's floor counts the U-Net calls it makes: the batch size of every `predict_noise` call of one
 step is recorded in the run, and each of those calls is timed alone (same mode) and summed. So ISM's
@@ -184,13 +187,13 @@ def run_config(
     channels_last: bool | None = None,
     latent_steps: int = 0,
     rule: str = "sds",
+    representation: str = "nerf",
 ) -> RunConfig:
     from sds3d.rules import with_rule
 
-    if arch == "builtin":
-        config = dataclasses.replace(preset("default"), prompt=PROMPT)
-    else:
-        config = dataclasses.replace(preset("fast-sd"), prompt=PROMPT)
+    presets = {("builtin", "nerf"): "default", ("builtin", "gaussians"): "gaussians"}
+    name = presets.get((arch, representation), "fast-sd" if representation == "nerf" else "dreamgaussian-sd")
+    config = dataclasses.replace(preset(name), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
     guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
     if channels_last is not None:  # else the preset's
@@ -216,10 +219,13 @@ def measure(
     arch: str, device: str, compile: bool, dtype: str, steps: int, warmup: int,
     compile_mode: str = "default", nerf_compile: bool = False, normals: str | None = None,
     nerf_compile_mode: str = "default", hash_grid: str = "torch", channels_last: bool | None = None,
-    rgb_as_latents: bool = False, rule: str = "sds",
+    rgb_as_latents: bool = False, rule: str = "sds", representation: str = "nerf",
 ) -> dict[str, Any]:  # fmt: skip
     from sds3d import train as train_module
-    from sds3d.representations import nerf_scene as scene_module
+    from sds3d.representations import gaussians, nerf_scene
+
+    # The function the scene renders with, timed as the step's render phase.
+    scene_module, render_name = (gaussians, "splat") if representation == "gaussians" else (nerf_scene, "render")
 
     dev = torch.device(device)
     clock = Clock(dev)
@@ -227,6 +233,7 @@ def measure(
     config = run_config(
         arch, device, compile, dtype, compile_mode, nerf_compile, normals, nerf_compile_mode, hash_grid,
         channels_last, latent_steps=warmup + steps + 1 if rgb_as_latents else 0, rule=rule,
+        representation=representation,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -277,8 +284,8 @@ def measure(
             return wrapper
 
         step_marks: list[Any] = []
-        real_render = scene_module.render  # what NeRFScene renders with
-        scene_module.render = timed("render", real_render)  # type: ignore[assignment]
+        real_render = getattr(scene_module, render_name)
+        setattr(scene_module, render_name, timed("render", real_render))
         if guidance.vae is not None:
             guidance.encode_images = timed("vae_encode", guidance.encode_images)  # type: ignore[method-assign]
         call_rows: list[int] = []  # the batch of every U-Net call, for the rule's floor
@@ -303,7 +310,7 @@ def measure(
             train_module.train(dataclasses.replace(config, steps=warmup + steps), Path(tmp) / "run", progress=False,
                                prior=guidance, on_step=lambda step, scene: step_marks.append(clock.mark()))  # fmt: skip
         finally:
-            scene_module.render = real_render  # type: ignore[assignment]
+            setattr(scene_module, render_name, real_render)
         peak_gb = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
         step_ms = [
             clock.ms(a, b) for a, b in zip(step_marks[warmup:], step_marks[warmup + 1 :], strict=False)
@@ -320,8 +327,12 @@ def measure(
     floor["unet_calls"] = calls  # type: ignore[assignment]
     floor["unet_ms"] = unet_ms
     floor["floor_ms"] = unet_ms + (0.0 if rgb_as_latents else floor["vae_encode_fb_ms"])
+    scene_note = (
+        f"{config.gaussians.num_init} Gaussians at first" if representation == "gaussians"
+        else f"{config.renderer.num_samples} samples"
+    )  # fmt: skip
     return {
-        "rule": rule,
+        "rule": rule, "representation": representation, "scene": scene_note,
         "arch": arch, "device": device, "compile": compile, "compile_mode": compile_mode if compile else None,
         "nerf_compile": nerf_compile, "nerf_compile_mode": nerf_compile_mode if nerf_compile else None,
         "hash_grid": hash_grid, "channels_last": guidance.config.channels_last, "rgb_as_latents": rgb_as_latents,
@@ -396,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default=None, help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
     parser.add_argument("--rule", default="sds", help="comma-separated distillation rules (`sds3d rules`)")
+    parser.add_argument(
+        "--representation", default="nerf",
+        help="comma-separated: nerf (fast-sd / default preset), gaussians (dreamgaussian-sd / gaussians preset)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -410,16 +425,23 @@ def main(argv: list[str] | None = None) -> int:
     rules = args.rule.split(",")
     if unknown := [r for r in rules if r not in RULES]:
         parser.error(f"unknown rule {', '.join(unknown)}; choose from {', '.join(RULES)}")
+    representations = args.representation.split(",")
+    if unknown := [r for r in representations if r not in ("nerf", "gaussians")]:
+        parser.error(f"unknown representation {', '.join(unknown)}; choose from nerf, gaussians")
+    if args.rgb_as_latents and "gaussians" in representations:
+        parser.error("--rgb-as-latents needs a NeRF; Gaussians render albedo only")
     if args.rgb_as_latents and "builtin" in archs:
         parser.error("--rgb-as-latents needs a latent model; builtin works in pixels")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     rows = []
     for arch in archs:
-        for rule in rules:
-            rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
-                                args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode,
-                                args.hash_grid, args.channels_last, args.rgb_as_latents, rule))  # fmt: skip
-            print(rows[-1], flush=True)
+        for representation in representations:
+            for rule in rules:
+                rows.append(measure(arch, args.device, args.compile, dtype, args.steps, args.warmup,
+                                    args.compile_mode, args.nerf_compile, args.normals, args.nerf_compile_mode,
+                                    args.hash_grid, args.channels_last, args.rgb_as_latents, rule,
+                                    representation))  # fmt: skip
+                print(rows[-1], flush=True)
     command = "sds3d bench speed " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "results": rows}  # fmt: skip
@@ -436,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{report['command']}` ({report['date']})  ",
         f"Machine: GPU {m['gpu']}, {m['cpu']} ({m['cores']} cores), torch {m['torch']}",
         "",
-        "Random weights in each architecture's published config; the real training loop on a NeRF. "
+        "Random weights in each architecture's published config; the real training loop on a NeRF (or 3D "
+        "Gaussians: the dreamgaussian-sd preset with SD layouts, gaussians with the built-in prior). "
         f"Medians of {args.steps} steps after {args.warmup} warm-up steps. Floor = the step's U-Net forwards "
         "(SDS: one CFG pair; other rules: every call they make, with its batch in rows) + VAE encoder forward "
         "and backward, each measured alone in the same process and mode"
@@ -447,17 +470,17 @@ def main(argv: list[str] | None = None) -> int:
             else "."
         ),
         "",
-        "| arch | rule | preset | render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
-        "| U-Net calls (rows) | floor ms (U-Net + VAE f/b) | step / floor | step / SDS step | peak GPU GB "
+        "| arch | rule | preset | scene, render | step ms | steps/s | render ms | VAE enc ms | U-Net ms | rest ms "
+        "| U-Net calls (rows) | floor ms (U-Net + VAE f/b) | step / floor | step / NeRF SDS step | peak GPU GB "
         "| 10k steps (min) |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
-    sds_ms = {r["arch"]: r["step_ms"] for r in rows if r["rule"] == "sds"}
+    sds_ms = {r["arch"]: r["step_ms"] for r in rows if r["rule"] == "sds" and r["representation"] == "nerf"}
     for r in rows:
         p, f = r["phases_ms"], r["floor_ms"]
         versus = f"{r['step_ms'] / sds_ms[r['arch']]:.2f}" if r["arch"] in sds_ms else "—"
         lines.append(
-            f"| {r['arch']} | {r['rule']} | {r['preset']} | {r['render_resolution']}², {r['samples_per_ray']} samples "
+            f"| {r['arch']} | {r['rule']} | {r['preset']} | {r['representation']}, {r['render_resolution']}², {r['scene']} "
             f"| {r['step_ms']:.1f} | {r['steps_per_s']:.1f} | {p.get('render', 0):.1f} | {p.get('vae_encode', 0):.1f} "
             f"| {p.get('unet', 0):.1f} | {p['rest']:.1f} | {' + '.join(map(str, f['unet_calls']))} "
             f"| {f['floor_ms']:.1f} ({f['unet_ms']:.1f} + "
@@ -470,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['projected_10k_min']:.1f} |"
         )
     name = args.name or ("speed_" + "_".join(archs) + ("_compile" if args.compile else "")
-                         + ("" if rules == ["sds"] else "_rules"))  # fmt: skip
+                         + ("" if rules == ["sds"] else "_rules")
+                         + ("" if representations == ["nerf"] else "_" + "_".join(representations)))  # fmt: skip
     write_report(args.out, name, report, lines)
     return 0
 
