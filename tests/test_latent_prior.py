@@ -274,7 +274,10 @@ def test_speed_benchmark_times_the_real_step_against_its_floor(tmp_path):
     (row,) = json.loads((tmp_path / "gs.json").read_text())["results"]
     assert row["representation"] == "gaussians" and row["preset"] == "dreamgaussian-sd"
     assert row["phases_ms"]["render"] > 0 and row["floor_ms"]["unet_calls"] == [2]
-    assert "| tiny-sd | sds | dreamgaussian-sd | gaussians, 64², 5000 Gaussians" in (tmp_path / "gs.md").read_text()
+    assert (
+        "| tiny-sd | sds | dreamgaussian-sd | gaussians, 64², 5000 Gaussians"
+        in (tmp_path / "gs.md").read_text()
+    )
 
 
 # --- the latent warm-up (Latent-NeRF; threestudio's rgb_as_latents) --------------------------------

@@ -225,7 +225,9 @@ def measure(
     from sds3d.representations import gaussians, nerf_scene
 
     # The function the scene renders with, timed as the step's render phase.
-    scene_module, render_name = (gaussians, "splat") if representation == "gaussians" else (nerf_scene, "render")
+    scene_module, render_name = (
+        (gaussians, "splat") if representation == "gaussians" else (nerf_scene, "render")
+    )
 
     dev = torch.device(device)
     clock = Clock(dev)
