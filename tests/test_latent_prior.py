@@ -225,7 +225,7 @@ def test_gpu_presets_run_their_recipe_with_a_local_stand_in_model(
     assert out.steps_done == 2 and all(torch.isfinite(torch.tensor(v)) for v in out.final_losses.values())
     if name == "dreamfusion-sd":
         assert out.final_losses["orientation"] >= 0 and "sparsity" in out.final_losses
-    if name == "dreamgaussian-sd":  # the Gaussians trained, with SD's gradient in every colour
+    if name == "dreamgaussian-sd":  # the preset's Gaussians trained: SD's gradient reached them
         from sds3d.runs import load_checkpoint
 
         state = load_checkpoint(tmp_path).state["scene"]

@@ -191,9 +191,10 @@ def run_config(
 ) -> RunConfig:
     from sds3d.rules import with_rule
 
-    presets = {("builtin", "nerf"): "default", ("builtin", "gaussians"): "gaussians"}
-    name = presets.get((arch, representation), "fast-sd" if representation == "nerf" else "dreamgaussian-sd")
-    config = dataclasses.replace(preset(name), prompt=PROMPT)
+    # The preset each (prior, representation) is timed with: the built-in prior's, or the SD recipe's.
+    presets = {"nerf": "default", "gaussians": "gaussians"} if arch == "builtin" else {
+        "nerf": "fast-sd", "gaussians": "dreamgaussian-sd"}  # fmt: skip
+    config = dataclasses.replace(preset(presets[representation]), prompt=PROMPT)
     assert isinstance(config.guidance, DiffusersGuidanceConfig)
     guidance = dataclasses.replace(config.guidance, compile=compile, compile_mode=compile_mode, dtype=dtype)
     if channels_last is not None:  # else the preset's
