@@ -355,7 +355,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
 
 # `sds3d bench NAME ARGS…` runs `python -m sds3d.bench.NAME ARGS…`.
-BENCHMARKS = {"quality": "sds3d.bench.quality", "speed": "sds3d.bench.speed"}
+BENCHMARKS = {"quality": "sds3d.bench.quality", "speed": "sds3d.bench.speed", "janus": "sds3d.bench.janus"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -37,8 +37,8 @@ def _world_object(text: str) -> WorldObject:
     obj = parse_prompt(text)
     if obj is None:
         raise UserError(
-            f'the built-in analytic priors know only the 30 synthetic-world prompts ("a {{colour}} {{shape}}", '
-            f'e.g. "a blue torus"), not {text!r}'
+            f'the built-in analytic priors know only the synthetic world\'s prompts ("a {{colour}} {{shape}}", '
+            f'e.g. "a blue torus", or "a blue cube with a red front"), not {text!r}'
         )
     return obj
 
@@ -52,15 +52,31 @@ class WorldViewsConfig:
     uncond_views_per_object: int = 16
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
+    # Photos show objects from the front more often than from the back (the cause of the Janus
+    # problem in real priors): this share of each object's views is drawn from the front range,
+    # |azimuth| < FRONT_VIEW_DEG, the rest from the camera's whole range. 0: uniform.
+    front_view_share: float = 0.0
 
     def render(self, obj: WorldObject, num_views: int, cam: CameraConfig) -> ImageSet:
-        """Renders of one object from `num_views` cameras drawn from `cam`'s ranges."""
-        images, cameras = object_views(
-            obj, num_views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fovy_deg,
-            self.resolution, self.seed, "albedo", self.background,
-        )  # fmt: skip
-        labels = view_labels(cameras.elevation_deg, cameras.azimuth_deg)
-        return ImageSet((images * 2 - 1).flatten(1), view_directions(cameras), labels)
+        """Renders of one object from `num_views` cameras drawn from `cam`'s ranges (a share of them
+        from the front range, `front_view_share`)."""
+        n_front = round(self.front_view_share * num_views)
+        parts = []
+        for n, azimuth, seed in ((num_views - n_front, cam.azimuth_deg, self.seed),
+                                 (n_front, (-FRONT_VIEW_DEG, FRONT_VIEW_DEG), self.seed + 1)):  # fmt: skip
+            if n > 0:
+                parts.append(object_views(obj, n, cam.elevation_deg, azimuth, cam.radius, cam.fovy_deg,
+                                          self.resolution, seed, "albedo", self.background))  # fmt: skip
+        images = torch.cat([im for im, _ in parts])
+        cameras = [c for _, c in parts]
+        elevation = torch.cat([c.elevation_deg for c in cameras])
+        azimuth_all = torch.cat([c.azimuth_deg for c in cameras])
+        directions = torch.cat([view_directions(c) for c in cameras])
+        return ImageSet((images * 2 - 1).flatten(1), directions, view_labels(elevation, azimuth_all))
+
+
+# The front range of `WorldViewsConfig.front_view_share` (DreamFusion's "front view" azimuths).
+FRONT_VIEW_DEG = 45.0
 
 
 @dataclass

@@ -135,3 +135,48 @@ def nearest_color(rgb: np.ndarray) -> str:
         return min(d, 1 - d)
 
     return min(COLORS, key=hue_distance)
+
+
+# The Janus metric: azimuth sectors of JANUS_SECTORS° about +Z, each centred on a multiple of it.
+JANUS_SECTORS = 8
+# A sector shows the front when at least this share of its surface area has the front's colour (the
+# true front's sector has all of it, its neighbours under a fifth).
+JANUS_FRONT_SHARE = 0.3
+# Faces this close to the z axis (world units) have no meaningful azimuth and are left out.
+JANUS_MIN_RADIUS = 0.1
+
+
+def janus(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, obj: Any) -> dict:
+    """How many fronts a mesh of a fronted world object shows, and where.
+
+    Each face is coloured by its mean vertex colour and called front when that is nearer (RGB) the
+    object's front colour than its body colour; its azimuth is its centroid's, atan2(y, x). Around
+    +Z, JANUS_SECTORS sectors (the first centred on azimuth 0°, the true front) each get the share
+    of their area that is front-coloured; a sector with a share ≥ JANUS_FRONT_SHARE shows the front.
+    `fronts` is the number of circular runs of such sectors (0: no front; all sectors: `everywhere`,
+    counted as a Janus). `janus`: a front seen on more than one side (fronts ≥ 2, or everywhere);
+    `front_ok`: exactly one front, and it covers the true front's sector."""
+    if obj.front is None:
+        raise ValueError(f"{obj.prompt!r} has no front")
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    centroid = tri.mean(axis=1)
+    face_col = colors[faces].astype(np.float64).mean(axis=1) / 255.0
+    d_front = np.linalg.norm(face_col - np.asarray(COLORS[obj.front]), axis=1)
+    d_body = np.linalg.norm(face_col - np.asarray(COLORS[obj.color]), axis=1)
+    keep = np.hypot(centroid[:, 0], centroid[:, 1]) > JANUS_MIN_RADIUS
+    width = 360.0 / JANUS_SECTORS
+    azimuth = np.rad2deg(np.arctan2(centroid[:, 1], centroid[:, 0]))
+    sector = np.floor(np.mod(azimuth + width / 2, 360.0) / width).astype(int) % JANUS_SECTORS
+    total = np.bincount(sector[keep], weights=area[keep], minlength=JANUS_SECTORS)
+    front = np.bincount(sector[keep], weights=(area * (d_front < d_body))[keep], minlength=JANUS_SECTORS)
+    share = np.where(total > 0, front / np.maximum(total, 1e-12), 0.0)
+    shows = share >= JANUS_FRONT_SHARE
+    everywhere = bool(shows.all())
+    # Runs around the circle: a sector that shows the front after one that does not starts a run.
+    runs = 0 if everywhere else int(np.sum(shows & ~np.roll(shows, 1)))
+    return {
+        "fronts": runs, "everywhere": everywhere, "janus": everywhere or runs >= 2,
+        "front_ok": runs == 1 and bool(shows[0]), "front_sectors": int(shows.sum()),
+        "sector_share": [round(float(s), 3) for s in share],
+    }  # fmt: skip

@@ -47,7 +47,7 @@ def render_object(
     eye = torch.eye(3, dtype=p.dtype, device=p.device) * NORMAL_EPSILON
     grad = torch.stack([obj.sdf(p + eye[i]) - obj.sdf(p - eye[i]) for i in range(3)], dim=-1)
     normals = F.normalize(grad, dim=-1)
-    albedo = torch.tensor(obj.albedo, dtype=p.dtype, device=p.device).expand_as(p)
+    albedo = obj.albedo_at(p)
     lights = None if light_positions is None else light_positions.repeat_interleave(h * w, dim=0)
     color = shade(albedo, normals, p, lights, shading, ambient) if shading != "albedo" else albedo
     bg = torch.as_tensor(background, dtype=p.dtype, device=p.device)

@@ -7,6 +7,11 @@ Objects are centred at the origin, right-handed, +Z up, in world units:
 - cone: axis z, base radius 0.5 at z = −0.45, apex at z = +0.45
 - torus: axis z, major radius 0.42, minor radius 0.16
 Colours are sRGB albedos. Prompts read "a {colour} {shape}" (30 objects).
+
+World v2 adds objects with a front (`fronted_objects`): a primitive of one colour whose front — the
+surface within ±FRONT_HALF_WIDTH_DEG of azimuth 0° about +Z, i.e. facing +X, where the cameras'
+"front view" looks from — has another colour. Prompts read "a {colour} {shape} with a {colour} front".
+They measure the Janus problem (`world.metrics.janus`): a front seen on more than one side.
 SDFs follow Inigo Quilez's exact distance functions (iquilezles.org/articles/distfunctions).
 """
 
@@ -32,39 +37,81 @@ CUBE_HALF_EXTENT = 0.4
 CYLINDER_RADIUS, CYLINDER_HALF_HEIGHT = 0.4, 0.45
 CONE_BASE_RADIUS, CONE_HALF_HEIGHT = 0.5, 0.45
 TORUS_MAJOR, TORUS_MINOR = 0.42, 0.16
+# The front marker: the wedge of azimuths |atan2(y, x)| < this (all heights).
+FRONT_HALF_WIDTH_DEG = 30.0
+# World v2's fronted objects (shape, body colour, front colour): hues far apart, no two alike.
+FRONTED: tuple[tuple[str, str, str], ...] = (
+    ("cube", "blue", "red"),
+    ("cylinder", "green", "purple"),
+    ("sphere", "purple", "yellow"),
+    ("cone", "yellow", "blue"),
+)
 
 
 @dataclass(frozen=True)
 class WorldObject:
     shape: str
     color: str
+    front: str | None = None  # the front's colour (world v2), or None: one colour all round
 
     @property
     def prompt(self) -> str:
-        return f"a {self.color} {self.shape}"
+        base = f"a {self.color} {self.shape}"
+        return base if self.front is None else f"{base} with a {self.front} front"
 
     @property
     def albedo(self) -> tuple[float, float, float]:
+        """The body's albedo (the front's is COLORS[front])."""
         return COLORS[self.color]
+
+    def albedo_at(self, points: torch.Tensor) -> torch.Tensor:
+        """Albedo [..., 3] of surface points [..., 3]: the front's colour on the front wedge."""
+        body = torch.tensor(self.albedo, dtype=points.dtype, device=points.device).expand_as(points)
+        if self.front is None:
+            return body
+        front = torch.tensor(COLORS[self.front], dtype=points.dtype, device=points.device).expand_as(points)
+        return torch.where(in_front(points)[..., None], front, body)
 
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         return shape_sdf(self.shape, points)
 
 
 def all_objects() -> list[WorldObject]:
+    """The 30 objects of one colour (what the built-in prior was trained on)."""
     return [WorldObject(shape, color) for color in COLORS for shape in SHAPES]
 
 
-_PROMPT_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s*(?:,.*)?$", re.IGNORECASE)
+def fronted_objects() -> list[WorldObject]:
+    """World v2's objects with a front of another colour."""
+    return [WorldObject(shape, color, front) for shape, color, front in FRONTED]
+
+
+def in_front(points: torch.Tensor) -> torch.Tensor:
+    """[...] whether points [..., 3] lie in the front wedge (|azimuth| < FRONT_HALF_WIDTH_DEG)."""
+    azimuth = torch.rad2deg(torch.atan2(points[..., 1], points[..., 0]))
+    return azimuth.abs() < FRONT_HALF_WIDTH_DEG
+
+
+_PROMPT_RE = re.compile(
+    r"^\s*an?\s+(\w+)\s+(\w+)(?:\s+with\s+an?\s+(\w+)\s+front)?\s*(?:,.*)?$", re.IGNORECASE
+)
 
 
 def parse_prompt(prompt: str) -> WorldObject | None:
-    """The world object a prompt names ("a blue torus", optionally with a ", side view" suffix)."""
+    """The world object a prompt names ("a blue torus", "a blue cube with a red front"), optionally
+    with a view suffix (", side view")."""
     m = _PROMPT_RE.match(prompt)
     if not m:
         return None
     color, shape = m.group(1).lower(), m.group(2).lower()
-    return WorldObject(shape, color) if shape in SHAPES and color in COLORS else None
+    front = m.group(3).lower() if m.group(3) else None
+    if (
+        shape not in SHAPES
+        or color not in COLORS
+        or (front is not None and (front not in COLORS or front == color))
+    ):
+        return None
+    return WorldObject(shape, color, front)
 
 
 def shape_sdf(shape: str, p: torch.Tensor) -> torch.Tensor:
