@@ -37,7 +37,7 @@ def _world_object(text: str) -> WorldObject:
     obj = parse_prompt(text)
     if obj is None:
         raise UserError(
-            f'the built-in analytic priors know only the synthetic world\'s prompts ("a {{colour}} {{shape}}", '
+            f'the built-in analytic priors know only the synthetic-world prompts ("a {{colour}} {{shape}}", '
             f'e.g. "a blue torus", or "a blue cube with a red front"), not {text!r}'
         )
     return obj

@@ -1,0 +1,159 @@
+"""World v2 (objects with a front) and the Janus metric: analytic cases with 0, 1 and 2 fronts, the
+renderer's front, the front-biased image sets and `sds3d bench janus`'s conditions and report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sds3d.cameras import CameraConfig, orbit_cameras
+from sds3d.world.metrics import janus
+from sds3d.world.render import render_object
+from sds3d.world.shapes import COLORS, WorldObject, fronted_objects, ground_truth_mesh, in_front, parse_prompt
+
+CUBE = WorldObject("cube", "blue", "red")
+
+
+def _sphere(front_azimuths_deg: list[float], half_width_deg: float = 30.0, obj: WorldObject = CUBE):
+    """An icosphere coloured with the body colour and front patches centred on the given azimuths."""
+    import trimesh
+
+    mesh = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    az = np.rad2deg(np.arctan2(v[:, 1], v[:, 0]))
+    front = np.zeros(len(v), dtype=bool)
+    for a in front_azimuths_deg:
+        front |= np.abs((az - a + 180) % 360 - 180) < half_width_deg
+    colors = np.where(front[:, None], np.array(COLORS[obj.front]), np.array(COLORS[obj.color]))
+    return v, f, (colors * 255).round().astype(np.uint8)
+
+
+def test_fronted_prompts_parse_and_name_their_front():
+    objects = fronted_objects()
+    assert len(objects) >= 4 and all(o.front is not None and o.front != o.color for o in objects)
+    assert parse_prompt("a blue cube with a red front") == CUBE
+    assert parse_prompt("A Blue Cube with a Red front, back view") == CUBE
+    assert parse_prompt("a blue cube with a blue front") is None  # no front to see
+    assert parse_prompt("a blue cube with a pink front") is None
+    assert parse_prompt("a blue cube").front is None
+
+
+def test_the_front_faces_the_front_camera():
+    """Azimuth 0° is the "front view" (cameras.py): seen from there the middle of the cube is the
+    front's colour, from behind it is the body's, and from the side the front is at the image's edge."""
+    el = torch.tensor([0.0, 0.0, 0.0])
+    cams = orbit_cameras(
+        el, torch.tensor([0.0, 180.0, 90.0]), torch.full((3,), 2.5), torch.full((3,), 40.0), 33, 33
+    )
+    rgb = render_object(CUBE, cams).rgb
+    red, blue = torch.tensor(COLORS["red"]), torch.tensor(COLORS["blue"])
+    assert torch.allclose(rgb[0, :, 16, 16], red) and torch.allclose(rgb[1, :, 16, 16], blue)
+    assert torch.allclose(rgb[2, :, 16, 16], blue)
+    assert in_front(torch.tensor([[0.4, 0.1, 0.0], [0.4, 0.3, 0.0], [-0.4, 0.0, 0.0]])).tolist() == [
+        True,
+        False,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    "azimuths,width,fronts,is_janus,ok",
+    [([], 30.0, 0, False, False), ([0.0], 30.0, 1, False, True), ([0.0, 180.0], 30.0, 2, True, False),
+     ([90.0], 30.0, 1, False, False), ([0.0, 90.0, 180.0, 270.0], 15.0, 4, True, False),
+     ([0.0, 45.0], 30.0, 1, False, True)],  # two touching patches are one (wider) front
+)  # fmt: skip
+def test_janus_metric_counts_fronts(azimuths, width, fronts, is_janus, ok):
+    r = janus(*_sphere(azimuths, width), CUBE)
+    assert (r["fronts"], r["janus"], r["front_ok"], r["everywhere"]) == (fronts, is_janus, ok, False)
+
+
+def test_janus_metric_front_all_round_is_a_janus_and_an_off_front_is_not_ok():
+    everywhere = janus(
+        *_sphere([], obj=CUBE), WorldObject("cube", "red", "blue")
+    )  # the body is the front's colour
+    assert everywhere["everywhere"] and everywhere["janus"] and everywhere["fronts"] == 0
+    off = janus(*_sphere([45.0]), CUBE)  # one front, turned by one sector
+    assert off["fronts"] == 1 and not off["front_ok"] and off["sector_share"][1] == max(off["sector_share"])
+
+
+@pytest.mark.parametrize("obj", fronted_objects(), ids=lambda o: o.shape)
+def test_ground_truth_fronted_meshes_have_one_front_where_it_should_be(obj):
+    mesh = ground_truth_mesh(obj.shape).subdivide_to_size(0.03)
+    v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    colors = (obj.albedo_at(torch.from_numpy(v).float()).numpy() * 255).round().astype(np.uint8)
+    r = janus(v, f, colors, obj)
+    assert r["fronts"] == 1 and r["front_ok"] and not r["janus"]
+    assert r["sector_share"][0] > 0.9 and max(r["sector_share"][1:]) < 0.3
+
+
+def test_janus_metric_needs_a_fronted_object():
+    with pytest.raises(ValueError, match="no front"):
+        janus(*_sphere([0.0]), WorldObject("cube", "blue"))
+
+
+def test_front_biased_image_sets():
+    from sds3d.guidance.analytic import EmpiricalPriorGuidanceConfig, WorldViewsConfig
+
+    def views(share):
+        config = EmpiricalPriorGuidanceConfig(
+            views=WorldViewsConfig(resolution=8, views_per_object=40, front_view_share=share)
+        )
+        return config.build(CameraConfig(elevation_deg=(0.0, 30.0))).encode_prompt(
+            "a blue cube with a red front"
+        )
+
+    uniform, biased = views(0.0), views(0.75)
+    front_share = lambda s: sum(lab == "front" for lab in s.labels) / len(s.labels)  # noqa: E731
+    assert len(biased.labels) == 40 and front_share(biased) >= 0.75 > front_share(uniform) + 0.3
+    azimuth = torch.rad2deg(torch.atan2(biased.directions[:, 1], biased.directions[:, 0]))
+    assert (azimuth.abs() < 45).sum() >= 30
+    # The red front shows in front views only: the mean front image is redder than the mean back image.
+    red = lambda s, keep: s.images[keep].reshape(-1, 3, 64)[:, 0].mean()  # noqa: E731
+    is_front = torch.tensor([lab == "front" for lab in uniform.labels])
+    assert red(uniform, is_front) > red(uniform, ~is_front)
+
+
+def test_bench_conditions_set_what_they_name():
+    from sds3d.bench.janus import CONDITIONS, base_config
+
+    base = base_config(0.5, "cpu", 7)
+    assert base.steps == 7 and base.guidance.views.front_view_share == 0.5
+    got = {name: (c(base).guidance.camera_kernel_deg is not None, c(base).prompts.view_dependent, c(base).rule.kind)
+           for name, c in CONDITIONS.items()}  # fmt: skip
+    assert got == {"neither": (False, False, "sds"), "view-prompts": (False, True, "sds"),
+                   "camera": (True, False, "sds"), "both": (True, True, "sds"),
+                   "perp-neg": (False, True, "perp-neg")}  # fmt: skip
+
+
+def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
+    from sds3d.bench.janus import _command
+
+    prompt = "a blue cube with a red front"
+    for condition in ("neither", "camera"):
+        assert _command(["--steps", "3", "--seeds", "1", "--conditions", condition, "--prompts", prompt,
+                         "--out", str(tmp_path), "--name", f"j_{condition}"]) == 0  # fmt: skip
+    a = json.loads((tmp_path / "j_neither.json").read_text())
+    assert (
+        a["front_share"] == 0.75
+        and list(a["results"]) == ["neither"]
+        and a["results"]["neither"][0]["prompt"] == prompt
+    )
+    assert len(a["results"]["neither"][0]["sector_share"]) == 8 and a["summary"]["neither"]["runs"] == 1
+    paths = [str(tmp_path / "j_neither.json"), str(tmp_path / "j_camera.json")]
+    assert _command(["--combine", *paths, "--out", str(tmp_path), "--name", "j"]) == 0
+    joined = json.loads((tmp_path / "j.json").read_text())
+    assert (
+        list(joined["results"]) == ["neither", "camera"]
+        and "| camera | 1 |" in (tmp_path / "j.md").read_text()
+    )
+    capsys.readouterr()
+    # Bad input: one line, exit code 2.
+    assert _command(["--combine", paths[0], paths[0], "--out", str(tmp_path)]) == 2
+    assert _command(["--conditions", "mirror", "--out", str(tmp_path)]) == 2
+    assert _command(["--prompts", "a blue cube", "--out", str(tmp_path)]) == 2
+    assert _command(["--front-share", "1.5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("sds3d: error:") for line in err)
