@@ -237,3 +237,24 @@ def test_a_gaussian_run_resumes_after_its_count_changed_and_exports(tmp_path):
     assert {"glb", "splats", "gif"} <= set(done.files) and (run / "splats.ply").stat().st_size > 1000
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mesh"]["faces"] > 0 and summary["mesh"]["silhouette_iou"] is None
+
+
+def test_relative_mesh_level_does_not_inflate_densely_overlapping_gaussians():
+    """Overlapping Gaussians pile their density up far above the absolute level, so that surface
+    moves out by a few standard deviations; the relative level cuts at a fraction of the interior's."""
+    import dataclasses
+
+    axis = torch.linspace(-0.37, 0.37, 24)  # the world's cube, packed denser and with wider Gaussians
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)
+    extent = {}
+    for mode in ("absolute", "relative"):
+        scene = _scene(len(centres))
+        scene.config = dataclasses.replace(scene.config, mesh_level_mode=mode, mesh_level=0.15)
+        with torch.no_grad():
+            scene.means.copy_(centres)
+            scene.log_scales.fill_(math.log(0.03))
+            scene.opacity_logits.fill_(3.0)
+        mesh = scene.to_mesh(preset("gaussians").export)
+        extent[mode] = float(np.abs(mesh.vertices).max())
+    assert extent["relative"] == pytest.approx(0.4, abs=0.06)
+    assert extent["absolute"] > extent["relative"] + 0.03

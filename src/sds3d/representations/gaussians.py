@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -66,8 +66,13 @@ class GaussiansConfig:
     opacity_entropy: Scheduled = 0.0  # pushes each o to 0 or 1 (no haze)
     scale: Scheduled = 0.0  # mean largest scale (no needles across the scene)
     # the mesh: density Σ o_i exp(−½ dᵀΣ_i⁻¹d) on a grid, blurred, cut at this level (DreamGaussian
-    # cuts the unblurred field at 1; 0.15 after a one-voxel blur closed a cube's surface: 0.92 IoU)
+    # cuts the unblurred field at 1; 0.15 after a one-voxel blur closed a cube's surface: 0.92 IoU).
+    # "relative": the level is a fraction of the blurred field's 90th percentile over voxels above
+    # 0.05 (its interior density, which grows with the Gaussians' overlap): on the five quick
+    # prompts and a second cube, 0.15 of it gave IoU 0.871 against 0.849 for the absolute 0.15,
+    # the cubes 0.852 against 0.808 (their many overlapping Gaussians had inflated them).
     mesh_level: float = 0.15
+    mesh_level_mode: Literal["absolute", "relative"] = "relative"
     mesh_blur_voxels: float = 1.0
     mesh_resolution: int = 64
 
@@ -282,16 +287,18 @@ class GaussianScene(Representation):
             colors = np.stack(
                 [ndimage.gaussian_filter(colors[..., i], c.mesh_blur_voxels) for i in range(3)], -1
             )
-        solid = density > c.mesh_level
+        level = c.mesh_level
+        if c.mesh_level_mode == "relative":
+            occupied = density[density > 0.05]
+            level = c.mesh_level * float(np.percentile(occupied, 90)) if occupied.size else c.mesh_level
+        solid = density > level
         if config.keep_largest_component:
             solid = largest_component(solid)
         solid = ndimage.binary_fill_holes(solid)
         if not solid.any():
-            raise EmptySceneError(f"no Gaussian density above {c.mesh_level:g}; nothing to export")
-        field = np.where(
-            solid, np.maximum(density, 2 * c.mesh_level), np.minimum(density, 0.5 * c.mesh_level)
-        )
-        verts, faces, _, _ = marching_cubes(np.pad(field, 1), level=c.mesh_level)
+            raise EmptySceneError(f"no Gaussian density above {level:g}; nothing to export")
+        field = np.where(solid, np.maximum(density, 2 * level), np.minimum(density, 0.5 * level))
+        verts, faces, _, _ = marching_cubes(np.pad(field, 1), level=level)
         verts = verts - 1  # grid index units
         i, j, k = np.clip(np.round(verts).astype(np.int64), 0, r - 1).T
         overall = (self.opacities[:, None] * self.albedo).sum(0) / self.opacities.sum().clamp_min(1e-8)
