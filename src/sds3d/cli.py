@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)"
     )
     b = sub.add_parser(
-        "bench", help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor)"
+        "bench",
+        help="benchmarks: quality (3D results against ground truth), speed (SDS step vs its floor), janus (fronts against the true front)",
     )
     b.add_argument("benchmark", choices=list(BENCHMARKS))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
