@@ -43,6 +43,10 @@ def _world_object(text: str) -> WorldObject:
     return obj
 
 
+# The front range of `WorldViewsConfig.front_view_share` (DreamFusion's "front view" azimuths).
+FRONT_VIEW_DEG = 45.0
+
+
 @dataclass
 class WorldViewsConfig:
     """Which ground-truth renders make a prior's image set: the training camera ranges by default."""
@@ -60,6 +64,8 @@ class WorldViewsConfig:
     def render(self, obj: WorldObject, num_views: int, cam: CameraConfig) -> ImageSet:
         """Renders of one object from `num_views` cameras drawn from `cam`'s ranges (a share of them
         from the front range, `front_view_share`)."""
+        if not 0.0 <= self.front_view_share <= 1.0:
+            raise UserError(f"front_view_share must be in [0, 1], not {self.front_view_share}")
         n_front = round(self.front_view_share * num_views)
         parts = []
         for n, azimuth, seed in ((num_views - n_front, cam.azimuth_deg, self.seed),
@@ -73,10 +79,6 @@ class WorldViewsConfig:
         azimuth_all = torch.cat([c.azimuth_deg for c in cameras])
         directions = torch.cat([view_directions(c) for c in cameras])
         return ImageSet((images * 2 - 1).flatten(1), directions, view_labels(elevation, azimuth_all))
-
-
-# The front range of `WorldViewsConfig.front_view_share` (DreamFusion's "front view" azimuths).
-FRONT_VIEW_DEG = 45.0
 
 
 @dataclass
