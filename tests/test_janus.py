@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sds3d.cameras import CameraConfig, orbit_cameras
+from sds3d.config import preset
 from sds3d.world.metrics import janus
 from sds3d.world.render import render_object
 from sds3d.world.shapes import COLORS, WorldObject, fronted_objects, ground_truth_mesh, in_front, parse_prompt
@@ -128,6 +129,21 @@ def test_bench_conditions_set_what_they_name():
                    "perp-neg": (False, True, "perp-neg")}  # fmt: skip
 
 
+def test_bench_conditions_switch_a_learned_priors_camera_input():
+    from sds3d.bench.janus import CONDITIONS, base_config
+    from sds3d.errors import UserError
+
+    base = base_config(0.75, "cpu", None, "default")  # the built-in learned prior: no image sets to bias
+    assert base.steps == preset("default").steps
+    assert [CONDITIONS[c](base).guidance.camera_condition for c in ("neither", "camera", "both")] == [
+        False,
+        True,
+        True,
+    ]
+    with pytest.raises(UserError, match="no camera conditioning"):
+        CONDITIONS["camera"](base_config(0.75, "cpu", None, "gaussian"))
+
+
 def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
     from sds3d.bench.janus import _command
 
@@ -157,3 +173,8 @@ def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
     assert _command(["--front-share", "1.5", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("sds3d: error:") for line in err)
+    # A learned prior's report names its preset instead of a front share.
+    from sds3d.bench.janus import write_janus_report
+
+    write_janus_report(tmp_path, "learned", {**a, "preset": "default", "front_share": None, "summary": None})
+    assert "Prior: the `default` preset's." in (tmp_path / "learned.md").read_text()

@@ -2,7 +2,8 @@
 on world v2's fronted objects ("a blue cube with a red front") against their known front.
 
     sds3d bench janus [--seeds 3] [--conditions neither,view-prompts,camera,both,perp-neg]
-                      [--front-share 0.75] [--steps N] [--device cuda] [--out benchmarks] [--image PNG]
+                      [--front-share 0.75] [--preset empirical] [--steps N] [--device cuda]
+                      [--out benchmarks] [--image PNG]
 
 Every condition trains every fronted prompt × seed with the `empirical` preset (the exact denoiser
 of ground-truth renders, no learned weights; the built-in learned prior was trained on the 30
@@ -11,6 +12,8 @@ scores each exported mesh with `world.metrics.janus`: the front's colour per azi
 number of fronts, Janus (more than one front, or the front all round) and front accuracy (one front,
 at the true front's azimuth). The prior's image sets are front-biased as photos are: a share
 (`--front-share`) of each object's renders come from the front range (|azimuth| < 45°).
+`--preset` runs another preset instead (a learned prior: "camera" switches its camera input; it
+must have been trained on fronted objects for the numbers to mean anything).
 
 Conditions (what the step knows about the camera):
 - neither: no camera conditioning, no view prompts;
@@ -38,6 +41,7 @@ from sds3d.bench.report import describe_machine, write_report
 from sds3d.config import RunConfig, preset
 from sds3d.errors import UserError
 from sds3d.guidance.analytic import EmpiricalPriorGuidanceConfig
+from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.rules import with_rule
 from sds3d.world.shapes import fronted_objects, parse_prompt
 
@@ -46,10 +50,16 @@ CAMERA_KERNEL_DEG = 10.0  # the empirical preset's
 
 def _condition(camera: bool, view_prompts: bool, rule: str = "sds") -> Callable[[RunConfig], RunConfig]:
     def apply(config: RunConfig) -> RunConfig:
-        assert isinstance(config.guidance, EmpiricalPriorGuidanceConfig)
-        guidance = dataclasses.replace(
-            config.guidance, camera_kernel_deg=CAMERA_KERNEL_DEG if camera else None
-        )
+        g = config.guidance
+        guidance: EmpiricalPriorGuidanceConfig | DiffusersGuidanceConfig
+        if isinstance(g, EmpiricalPriorGuidanceConfig):
+            guidance = dataclasses.replace(g, camera_kernel_deg=CAMERA_KERNEL_DEG if camera else None)
+        elif isinstance(g, DiffusersGuidanceConfig):  # a learned prior's camera input on or off
+            guidance = dataclasses.replace(g, camera_condition=camera)
+        else:
+            raise UserError(
+                f"the {g.kind} prior has no camera conditioning to switch (use the empirical or a diffusers prior)"
+            )
         prompts = dataclasses.replace(config.prompts, view_dependent=view_prompts)
         return dataclasses.replace(
             config, guidance=guidance, prompts=prompts, rule=with_rule(config.rule, rule)
@@ -67,15 +77,17 @@ CONDITIONS: dict[str, Callable[[RunConfig], RunConfig]] = {
 }
 
 
-def base_config(front_share: float, device: str, steps: int | None) -> RunConfig:
-    """The empirical preset with front-biased image sets, on `device`."""
+def base_config(
+    front_share: float, device: str, steps: int | None, preset_name: str = "empirical"
+) -> RunConfig:
+    """`preset_name` on `device`; the empirical prior's image sets front-biased by `front_share` (a
+    learned prior's bias is whatever its training data had)."""
     if not 0.0 <= front_share <= 1.0:
         raise UserError(f"--front-share must be in [0, 1], not {front_share}")
-    config = preset("empirical")
-    assert isinstance(config.guidance, EmpiricalPriorGuidanceConfig)
-    views = dataclasses.replace(config.guidance.views, front_view_share=front_share)
-    config = dataclasses.replace(config, device=device, validate_every=0,
-                                 guidance=dataclasses.replace(config.guidance, views=views))  # fmt: skip
+    config = dataclasses.replace(preset(preset_name), device=device, validate_every=0)
+    if isinstance(config.guidance, EmpiricalPriorGuidanceConfig):
+        views = dataclasses.replace(config.guidance.views, front_view_share=front_share)
+        config = dataclasses.replace(config, guidance=dataclasses.replace(config.guidance, views=views))
     return config if steps is None else dataclasses.replace(config, steps=steps)
 
 
@@ -119,7 +131,7 @@ def run_condition(
     return rows
 
 
-SAME = ("steps", "front_share", "seeds", "prompts", "device")
+SAME = ("preset", "steps", "front_share", "seeds", "prompts", "device")
 
 
 def combine(paths: list[Path]) -> dict:
@@ -132,6 +144,8 @@ def combine(paths: list[Path]) -> dict:
             data = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{path}: not a report of this benchmark ({type(err).__name__}: {err})") from None
+        if isinstance(data, dict):
+            data.setdefault("preset", "empirical")  # reports from before --preset
         if not isinstance(data, dict) or not {*SAME, "results", "command", "machine", "date"} <= set(data):
             raise UserError(f"{path}: not a report of `sds3d bench janus`")
         reports.append(data)
@@ -169,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--front-share", type=float, default=0.75,
                         help="share of each object's prior renders seen from the front (0: uniform views)")  # fmt: skip
-    parser.add_argument("--steps", type=int, help="override the empirical preset's steps")
+    parser.add_argument("--preset", default="empirical",
+                        help="the preset every run starts from (default: empirical; a learned prior must know fronts)")  # fmt: skip
+    parser.add_argument("--steps", type=int, help="override the preset's steps")
     parser.add_argument("--prompts", help="comma-separated fronted world prompts (default: all)")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -201,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"not fronted world prompts: {', '.join(map(repr, bad))} (e.g. {fronted_objects()[0].prompt!r})"
             )
-    base = base_config(args.front_share, args.device, args.steps)
+    base = base_config(args.front_share, args.device, args.steps, args.preset)
     seeds = list(range(args.seeds))
     results: dict[str, list[dict]] = {}
     strips: list[np.ndarray] = []
@@ -214,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {summarise(rows)}", flush=True)
     report = {
         "command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-        "device": args.device, "steps": base.steps, "front_share": args.front_share, "seeds": seeds,
+        "device": args.device, "preset": args.preset, "steps": base.steps, "seeds": seeds,
+        "front_share": args.front_share if isinstance(base.guidance, EmpiricalPriorGuidanceConfig) else None,
         "prompts": prompts, "results": results,
     }  # fmt: skip
     write_janus_report(args.out, args.name, report)
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_janus_report(out: Path, name: str, report: dict) -> None:
     results = report["results"]
     report["summary"] = summary = {c: summarise(rows) for c, rows in results.items()}
-    machine = report["machine"]
+    machine, share = report["machine"], report["front_share"]
     lines = [
         "# The Janus problem, measured: fronted objects against their known front",
         "",
@@ -237,8 +254,10 @@ def write_janus_report(out: Path, name: str, report: dict) -> None:
         *([f"Joined by `{report['combined_by']}`  "] if "combined_by" in report else []),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU {machine['gpu']}, torch {machine['torch']}",
         "",
-        "Prior: the `empirical` preset (exact denoiser of ground-truth renders), "
-        f"{report['front_share']:.0%} of each object's renders from the front (|azimuth| < 45°). Per exported mesh "
+        (f"Prior: the `empirical` preset (exact denoiser of ground-truth renders), {share:.0%} of each object's "
+         "renders from the front (|azimuth| < 45°). " if share is not None else
+         f"Prior: the `{report.get('preset', 'empirical')}` preset's. ") +
+        "Per exported mesh "
         "(`world.metrics.janus`): faces coloured nearer the front's colour than the body's, per 45° azimuth sector; "
         "a sector shows the front at ≥ 30% of its area. Janus: the front on more than one side (≥ 2 runs of "
         "sectors, or all round). Front accuracy: exactly one front, covering the true front's sector. "
