@@ -145,7 +145,9 @@ def test_bench_conditions_switch_a_learned_priors_camera_input():
 
 
 def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
-    from sds3d.bench.janus import _command
+    from sds3d.cli import main
+
+    _command = lambda argv: main(["bench", "janus", *argv])  # noqa: E731  (as `sds3d bench janus` runs it)
 
     prompt = "a blue cube with a red front"
     for condition in ("neither", "camera"):

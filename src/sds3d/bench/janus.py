@@ -280,16 +280,3 @@ def write_janus_report(out: Path, name: str, report: dict) -> None:
               f"| {r.get('failed') or ' '.join(f'{s:.2f}' for s in r['sector_share'])} |" for r in rows],
         ]  # fmt: skip
     write_report(out, name, report, lines)
-
-
-def _command(argv: list[str] | None = None) -> int:
-    """`main` as a command: bad input is one line and exit code 2, as in the `sds3d` CLI."""
-    try:
-        return main(argv)
-    except UserError as err:
-        print(f"sds3d: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_command())
