@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sds3d.bench.report import describe_machine, write_report
-from sds3d.cameras import CameraConfig, sample_cameras, view_labels
+from sds3d.cameras import CameraConfig, orbit_cameras, sample_cameras, view_labels
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.classifier import ClassifierConfig, predict, train_classifier
 from sds3d.prior.data import HELD_OUT, PriorDataConfig
@@ -22,6 +22,13 @@ from sds3d.prior.model import SHIPPED_PRIOR
 from sds3d.prior.sample import image_grid, sample_images
 from sds3d.prompts import with_view
 from sds3d.world import all_objects
+from sds3d.world.metrics import IMAGE_FRONT_SHARE, image_front_share
+from sds3d.world.render import render_object
+from sds3d.world.shapes import fronted_objects
+
+# Where fronts are judged: the front camera (azimuth 0°, facing the front) and the back (180°).
+FRONT_CHECK_VIEWS = {"front": 0.0, "back": 180.0}
+FRONT_CHECK_ELEVATION_DEG = 15.0
 
 
 def _relative(path: Path) -> Path:
@@ -61,6 +68,35 @@ def score(classifier, images: torch.Tensor, objects: list) -> list[dict]:
     return rows
 
 
+def front_rows(guidance, samples: int, guidance_scale: float, steps: int, view_prompts: bool,
+               device: str, **sampler) -> tuple[list[dict], torch.Tensor]:  # fmt: skip
+    """World v2's fronted prompts sampled from the front camera and from the back one (camera
+    conditioned): how often each sample shows the front (≥ IMAGE_FRONT_SHARE of its object pixels in
+    the front's colour), beside ground-truth renders from the same cameras. A prior that knows where
+    the front is shows it from the front and not from the back. Also returns the samples."""
+    data = PriorDataConfig()
+    rows, images = [], []
+    for view, azimuth in FRONT_CHECK_VIEWS.items():
+        objects = [o for o in fronted_objects() for _ in range(samples)]
+        n = len(objects)
+        cameras = orbit_cameras(
+            torch.full((n,), FRONT_CHECK_ELEVATION_DEG), torch.full((n,), azimuth),
+            torch.full((n,), data.camera.radius[0]), torch.full((n,), data.camera.fovy_deg[0]),
+            data.resolution, data.resolution,
+        )  # fmt: skip
+        prompts = [with_view(o.prompt, view) if view_prompts else o.prompt for o in objects]
+        sampled = sample_images(guidance, prompts, guidance_scale, steps, cameras=cameras.to(device), **sampler)
+        shows = torch.cat([image_front_share(sampled[i : i + 1], o) for i, o in enumerate(objects)])
+        gt = torch.cat([
+            image_front_share(render_object(o, cameras[i : i + 1]).rgb.cpu(), o) for i, o in enumerate(objects)
+        ])  # fmt: skip
+        rows.append({"camera": view, "azimuth_deg": azimuth, "samples": n,
+                     "shows_front": float((shows >= IMAGE_FRONT_SHARE).float().mean()),
+                     "ground_truth_shows_front": float((gt >= IMAGE_FRONT_SHARE).float().mean())})  # fmt: skip
+        images.append(sampled)
+    return rows, torch.cat(images)
+
+
 def main(argv: list[str] | None = None) -> int:
     import imageio.v2 as imageio
 
@@ -89,15 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     images = sample_images(guidance, prompts, args.guidance_scale, args.steps, cameras=cameras, eta=args.eta,
                            threshold_ratio=args.threshold, guidance_rescale=args.rescale)  # fmt: skip
     rows = score(classifier, images.to(args.device), objects)
+    sampler = {"eta": args.eta, "threshold_ratio": args.threshold, "guidance_rescale": args.rescale}
+    fronts: list[dict] = []
+    if args.camera:
+        fronts, front_images = front_rows(guidance, 2 * args.samples, args.guidance_scale, args.steps,
+                                          args.view_prompts, args.device, **sampler)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     samples = args.out / (
         "prior_samples.png" if args.name == "prior_accuracy" else f"{args.name}_samples.png"
     )
     imageio.imwrite(samples, image_grid(images, 4 * args.samples))
+    if fronts:
+        imageio.imwrite(args.out / f"{args.name}_fronts.png", image_grid(front_images, 2 * args.samples))
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "eta": args.eta, "camera": args.camera,
-              "judge_on_ground_truth": judge, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+              "judge_on_ground_truth": judge, "rows": rows, "fronts": fronts, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     lines = [
         "# Prior accuracy: samples of every world prompt judged by an attribute classifier",
         "",
@@ -119,6 +162,26 @@ def main(argv: list[str] | None = None) -> int:
         f"Target ≥ 95%. Samples: `{samples}` (rows of {4 * args.samples}: one prompt per "
         f"{args.samples} columns). {result['seconds']} s in all.",
     ]
+    if fronts:
+        lines += [
+            "",
+            "## Fronts (world v2)",
+            "",
+            f"The {len(fronted_objects())} fronted prompts sampled from the front camera (azimuth 0°) and the back one "
+            f"(180°), elevation {FRONT_CHECK_ELEVATION_DEG:g}°, {2 * args.samples} samples each"
+            f"{', with the view suffix' if args.view_prompts else ''}. Shows the front: ≥ {IMAGE_FRONT_SHARE:.0%} "
+            "of the object's pixels nearer the front's colour than the body's. A prior that knows where the "
+            f"front is shows it from the front and not from the back. Samples: `{args.name}_fronts.png` "
+            "(front-camera rows first, one prompt per row).",
+            "",
+            "| camera | samples | samples show the front | ground truth shows the front |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {r['camera']} ({r['azimuth_deg']:g}°) | {r['samples']} | {r['shows_front']:.0%} | "
+                f"{r['ground_truth_shows_front']:.0%} |"
+                for r in fronts
+            ],
+        ]
     write_report(args.out, args.name, result, lines)
     return 0
 

@@ -11,6 +11,10 @@ Captions are drawn per sample, so the same render serves every form of its capti
   the prior learns shape words alone from them and never pairs a colour with a white object;
 - "" for a fraction `empty_caption_prob`, for classifier-free guidance.
 Five objects (one per shape) are held out of training to measure generalisation.
+
+World v2's fronted objects ("a blue cube with a red front") train beside the 30 (`fronted`), with a
+front-biased share of their views (`front_view_share` from |azimuth| < FRONT_VIEW_DEG) as photos of
+things with a front are: the bias that makes an unconditioned prior paint the front everywhere.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sds3d.cameras import CameraConfig, sample_cameras, view_labels
+from sds3d.cameras import CameraConfig, concat_cameras, sample_cameras, view_labels
 from sds3d.prompts import with_view
+from sds3d.errors import UserError
+from sds3d.guidance.analytic import FRONT_VIEW_DEG
 from sds3d.render.volume import Shading, VolumeRendererConfig, sample_lights
 from sds3d.world.render import render_object
-from sds3d.world.shapes import WorldObject, all_objects
+from sds3d.world.shapes import WorldObject, all_objects, fronted_objects
 
 HELD_OUT = ("a red torus", "a green cube", "a blue cone", "a yellow cylinder", "a purple sphere")
 SHADING_CODES: tuple[Shading, ...] = ("albedo", "lambertian", "textureless")
@@ -44,6 +50,12 @@ class PriorDataConfig:
     view_suffix_prob: float = 0.5
     empty_caption_prob: float = 0.1
     seed: int = 0
+    # World v2: train on the fronted objects too, with `fronted_view_multiplier` × views_per_object
+    # views each (the one thing the shipped prior must learn anew: where on the object the front is,
+    # from the camera's azimuth), this share of their views from the front range.
+    fronted: bool = True
+    fronted_view_multiplier: int = 4
+    front_view_share: float = 0.5
 
 
 @dataclass
@@ -58,20 +70,35 @@ class PriorDataset:
         return self.images.shape[0]
 
 
-def training_objects() -> list[WorldObject]:
-    return [o for o in all_objects() if o.prompt not in HELD_OUT]
+def training_objects(fronted: bool = True) -> list[WorldObject]:
+    """The 30 one-colour objects less the held-out five, and world v2's fronted objects."""
+    return [o for o in all_objects() if o.prompt not in HELD_OUT] + (fronted_objects() if fronted else [])
+
+
+def _object_cameras(config: PriorDataConfig, obj: WorldObject, g: torch.Generator):
+    """One object's cameras: `views_per_object` from the whole range, or for a fronted object
+    `fronted_view_multiplier` times as many, a share `front_view_share` of them from |azimuth| <
+    FRONT_VIEW_DEG."""
+    cam = config.camera
+    n = config.views_per_object * (config.fronted_view_multiplier if obj.front is not None else 1)
+    n_front = round(config.front_view_share * n) if obj.front is not None else 0
+
+    def draw(n: int, azimuth: tuple[float, float]):
+        return sample_cameras(CameraConfig(cam.elevation_deg, azimuth, cam.radius, cam.fovy_deg,
+                                           config.resolution, config.resolution, n), g)  # fmt: skip
+
+    cams = draw(n - n_front, cam.azimuth_deg)
+    return concat_cameras(cams, draw(n_front, (-FRONT_VIEW_DEG, FRONT_VIEW_DEG))) if n_front else cams
 
 
 @torch.no_grad()
 def render_dataset(config: PriorDataConfig, objects: list[WorldObject], device: str = "cpu") -> PriorDataset:
+    if not 0.0 <= config.front_view_share <= 1.0:
+        raise UserError(f"front_view_share must be in [0, 1], not {config.front_view_share}")
     g = torch.Generator().manual_seed(config.seed)
-    cam_config = CameraConfig(
-        config.camera.elevation_deg, config.camera.azimuth_deg, config.camera.radius, config.camera.fovy_deg,
-        config.resolution, config.resolution, config.views_per_object,
-    )  # fmt: skip
     images, objs, shading, el, az = [], [], [], [], []
     for obj in objects:
-        cams = sample_cameras(cam_config, g)
+        cams = _object_cameras(config, obj, g)
         u = torch.rand(len(cams), generator=g)
         codes = torch.where(
             u < config.textureless_prob,

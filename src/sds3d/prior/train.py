@@ -64,7 +64,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     torch.manual_seed(config.seed)
     tokenizer, text_encoder, unet = build_models(config.model, out / "pipeline" / "tokenizer")
     if init is not None and not resume:
-        load_weights(Path(init), text_encoder, unet)
+        load_weights(Path(init), text_encoder, unet, tokenizer)
     text_encoder.to(device).train()
     unet.to(device).train()
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -88,7 +88,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     elif init is not None:
         runs = [{"init": str(init)}]
     t0 = time.perf_counter()
-    dataset = render_dataset(config.data, training_objects(), device)
+    dataset = render_dataset(config.data, training_objects(config.data.fronted), device)
     images = dataset.images.to(device)
     data_seconds = time.perf_counter() - t0
     abar = alphas_cumprod_from_config(DDPM_SCHEDULER_CONFIG).to(device)
@@ -173,14 +173,36 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     return summary
 
 
-def load_weights(folder: Path, text_encoder, unet) -> None:
+def load_weights(folder: Path, text_encoder, unet, tokenizer=None) -> None:
     """Copy the text encoder's and U-Net's weights from a diffusers folder (safetensors) into the
-    given modules, which must have the same architecture."""
+    given modules, which must have the same architecture. With `tokenizer` the folder's vocabulary
+    may differ from it (a prior trained before words were added): token embeddings are copied by
+    token, and a token the folder lacks keeps the module's fresh initialisation."""
     from safetensors.torch import load_file
 
     for module, sub in ((text_encoder, "text_encoder"), (unet, "unet")):
         files = sorted((folder / sub).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no safetensors weights in {folder / sub}")
-        state = {k: v for f in files for k, v in load_file(f).items()}
-        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        state = {k: v.float() for f in files for k, v in load_file(f).items()}
+        if module is text_encoder and tokenizer is not None:
+            key = next(k for k in state if k.endswith(TOKEN_EMBEDDING))
+            state[key] = _embeddings_by_token(
+                state[key], json.loads((folder / "tokenizer" / "vocab.json").read_text()),
+                module.state_dict()[key], tokenizer.get_vocab(),
+            )  # fmt: skip
+        module.load_state_dict(state, strict=True)
+
+
+TOKEN_EMBEDDING = "token_embedding.weight"  # the key's end (transformers' prefixes vary)
+
+
+def _embeddings_by_token(
+    old: torch.Tensor, old_vocab: dict[str, int], fresh: torch.Tensor, vocab: dict[str, int]
+) -> torch.Tensor:
+    """`fresh` [len(vocab), D] with the rows of tokens that `old_vocab` also has copied from `old`."""
+    out = fresh.detach().clone().float()
+    for token, i in vocab.items():
+        if token in old_vocab:
+            out[i] = old[old_vocab[token]]
+    return out

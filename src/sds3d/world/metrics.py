@@ -180,3 +180,23 @@ def janus(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, obj: Any)
         "front_ok": runs == 1 and bool(shows[0]), "front_sectors": int(shows.sum()),
         "sector_share": [round(float(s), 3) for s in share],
     }  # fmt: skip
+
+
+# An image "shows the front" when at least this share of its object pixels has the front's colour.
+IMAGE_FRONT_SHARE = 0.1
+
+
+def image_front_share(images: torch.Tensor, obj: Any, background=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """[N] the share of each image's object pixels (nearer, in RGB, the body or front colour than the
+    background) that are nearer the front's colour than the body's. images: [N, 3, H, W] in [0, 1]."""
+    if obj.front is None:
+        raise ValueError(f"{obj.prompt!r} has no front")
+    pix = images.permute(0, 2, 3, 1).float()
+
+    def dist(rgb) -> torch.Tensor:
+        return (pix - torch.tensor(rgb, dtype=pix.dtype, device=pix.device)).norm(dim=-1)
+
+    d_front, d_body, d_bg = dist(COLORS[obj.front]), dist(COLORS[obj.color]), dist(background)
+    on_object = torch.minimum(d_front, d_body) < d_bg
+    front = on_object & (d_front < d_body)
+    return front.flatten(1).sum(1) / on_object.flatten(1).sum(1).clamp(min=1)

@@ -16,7 +16,9 @@ from sds3d.prompts import VIEW_SUFFIXES
 from sds3d.world.shapes import COLORS, SHAPES
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-WORDS = ("a", "an", "view", *COLORS, *SHAPES, *VIEW_SUFFIXES)
+# New words go last: merges rank in this order, so earlier words keep their tokens ("with": world v2's
+# "a blue cube with a red front"; "front" is a view suffix's word).
+WORDS = ("a", "an", "view", *COLORS, *SHAPES, *VIEW_SUFFIXES, "with")
 # Single characters (plain and word-final) keep any other text tokenisable, as unknown-free pieces.
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
 
