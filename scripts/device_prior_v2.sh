@@ -11,23 +11,23 @@ set -uo pipefail
 minutes=$1 shards=${2:-8} steps=${3:-8000} lr=${4:-2e-4} init=${INIT:-src/sds3d/prior/weights/world-prior-32}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-nvidia-smi -L; date; mkdir -p prior_v2/quality_old
+nvidia-smi -L; date; mkdir -p runs/prior_v2/quality_old
 prompts=$(python3 -c "from sds3d.world.shapes import all_objects; print('\n'.join(o.prompt for o in all_objects()))")
 [ "${OLD:-1}" = 1 ] && for i in $(seq 0 $((shards - 1))); do
   mine=$(echo "$prompts" | awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' | paste -sd, -)
   timeout -k 10 480 python3 -m sds3d.cli bench quality --device cuda --prompts "$mine" \
-    --out prior_v2/quality_old --name "quality_old_shard$i" > "prior_v2/quality_old/shard$i.log" 2>&1 &
+    --out runs/prior_v2/quality_old --name "quality_old_shard$i" > "runs/prior_v2/quality_old/shard$i.log" 2>&1 &
 done
 [ "${OLD:-1}" = 1 ] && { timeout -k 10 300 python3 -m sds3d.bench.prior_accuracy --camera --device cuda \
-  --out prior_v2 --name prior_accuracy_camera_old > prior_v2/accuracy_old.log 2>&1 & }
-OMP_NUM_THREADS=4 timeout -k 10 $((60 * minutes + 150)) python3 -m sds3d.cli prior train --out prior_v2/train \
+  --out runs/prior_v2 --name prior_accuracy_camera_old > runs/prior_v2/accuracy_old.log 2>&1 & }
+OMP_NUM_THREADS=4 timeout -k 10 $((60 * minutes + 150)) python3 -m sds3d.cli prior train --out runs/prior_v2/train \
   --init "$init" --device cuda --compile --steps "$steps" --lr "$lr" \
-  --max-minutes "$minutes" --no-progress > prior_v2/train.log 2>&1
-date; tail -n 3 prior_v2/train.log
-timeout -k 10 150 python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model prior_v2/train/pipeline \
-  --out prior_v2 --name prior_accuracy_camera_v2 > prior_v2/accuracy_v2.log 2>&1
+  --max-minutes "$minutes" --no-progress > runs/prior_v2/train.log 2>&1
+date; tail -n 3 runs/prior_v2/train.log
+timeout -k 10 150 python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model runs/prior_v2/train/pipeline \
+  --out runs/prior_v2 --name prior_accuracy_camera_v2 > runs/prior_v2/accuracy_v2.log 2>&1
 wait; date
-tail -n 2 prior_v2/*.log prior_v2/quality_old/*.log 2>/dev/null | cut -c1-300
-tail -n 12 prior_v2/prior_accuracy_camera_*.md
-tar czf "$OUT/prior_v2.tgz" --exclude=checkpoint.pt --exclude='*.ply' --exclude='*.glb' --exclude='*.obj' prior_v2
+tail -n 2 runs/prior_v2/*.log runs/prior_v2/quality_old/*.log 2>/dev/null | cut -c1-300
+tail -n 12 runs/prior_v2/prior_accuracy_camera_*.md
+tar czf "$OUT/prior_v2.tgz" -C runs --exclude=checkpoint.pt --exclude='*.ply' --exclude='*.glb' --exclude='*.obj' prior_v2
 ls -la "$OUT"
