@@ -55,19 +55,27 @@ def test_scene_generators_give_each_scene_its_own_draws():
         assert torch.equal(noise[2 * k : 2 * k + 2], gaussian_like(torch.zeros(2, 3, 4, 4), g_k))
 
 
-def test_stacked_scenes_render_and_get_gradients_as_each_alone():
+@pytest.mark.parametrize("background", ["solid", "learned"])
+def test_stacked_scenes_render_and_get_gradients_as_each_alone(background):
     """The stack against its twin, three plain NeRFScenes of different seeds: mixed shading in one
-    step (albedo, lambertian, albedo), entropy and orientation losses on."""
+    step (albedo, lambertian, albedo), entropy and orientation losses on; a solid background, or a
+    learned one (an MLP per scene, each scene's own)."""
     from sds3d.ramp import Ramp  # noqa: F401  (the preset's entropy weight is a Ramp)
+    from sds3d.representations.nerf import BackgroundConfig
     from sds3d.representations.nerf_scene import RegularizerConfig
 
-    config = _config(regularizers=RegularizerConfig(orientation=1.0, entropy=0.05, sparsity=0.1))
+    config = _config(regularizers=RegularizerConfig(orientation=1.0, entropy=0.05, sparsity=0.1),
+                     background=BackgroundConfig(kind=background))  # fmt: skip
     config.camera = dataclasses.replace(config.camera, width=12, height=12)
     config.renderer = dataclasses.replace(config.renderer, num_samples=16)
     scenes = [build_scene(dataclasses.replace(config, seed=s)) for s in (0, 1, 2)]
     with torch.no_grad():  # distinct fields, not just distinct hash tables
         for k, scene in enumerate(scenes):
             scene.nerf.encoding.tables.normal_(0, 0.3, generator=torch.Generator().manual_seed(k))
+            if background == "learned":  # backgrounds that differ, and differ across the view
+                scene.background.mlp[2].weight.normal_(
+                    0, 1.0, generator=torch.Generator().manual_seed(10 + k)
+                )
     stack = NeRFStack(scenes)
     shadings = ["albedo", "lambertian", "albedo"]
     cams = [sample_cameras(config.camera, g) for g in _gens((5, 6, 7))]
@@ -88,6 +96,10 @@ def test_stacked_scenes_render_and_get_gradients_as_each_alone():
         ((out.rgb * weights[k]).sum() + sum(own.values())).backward()
         stacked = {"nerf.encoding.tables": stack.per_scene("nerf.encoding.tables", stack.field.encoding.tables.grad)[k],
                    "nerf.mlp.0.weight": stack.field.w1.grad[k], "nerf.mlp.2.bias": stack.field.b2.grad[k]}  # fmt: skip
+        if background == "learned":
+            bg = stack.background
+            stacked |= {"background.mlp.0.weight": bg.w1.grad[k], "background.mlp.0.bias": bg.b1.grad[k],
+                        "background.mlp.2.weight": bg.w2.grad[k], "background.mlp.2.bias": bg.b2.grad[k]}  # fmt: skip
         params = dict(scene.named_parameters())
         for name, grad in stacked.items():
             torch.testing.assert_close(grad, params[name].grad, atol=1e-6, rtol=1e-4)
@@ -95,10 +107,15 @@ def test_stacked_scenes_render_and_get_gradients_as_each_alone():
     for name, value in terms.items():
         assert float(value) == pytest.approx(lone_terms[name], rel=1e-5)
     assert not torch.equal(outs[0].rgb, outs[2].rgb)  # the scenes really differ
+    if background == "learned":  # rays that miss every scene show each scene's own background
+        corner = [o.rgb[..., 0, 0] for o in outs]
+        assert not torch.allclose(corner[0], corner[1]) and not torch.allclose(corner[1], corner[2])
 
 
 def test_scene_k_comes_back_out_of_the_stack():
-    scenes = [build_scene(_config(seed=s)) for s in (4, 5)]
+    from sds3d.representations.nerf import BackgroundConfig
+
+    scenes = [build_scene(_config(seed=s, background=BackgroundConfig(kind="learned"))) for s in (4, 5)]
     stack = NeRFStack(scenes)
     for k, scene in enumerate(scenes):
         for (name, a), b in zip(
@@ -185,7 +202,8 @@ def test_a_diverged_scene_fails_alone(prior, tmp_path, monkeypatch):
 
 def test_what_cannot_be_stacked_says_why():
     assert stack_problem(_config()) is None
-    assert "learned background" in stack_problem(preset("dreamfusion-sd"))
+    assert stack_problem(preset("dreamfusion-sd")) is None  # its learned background stacks
+    assert "closed_form normals" in stack_problem(preset("fast-sd"))
     vsd = _config()
     vsd.rule = dataclasses.replace(SDSRuleConfig(), kind="vsd")  # type: ignore[call-arg]
     assert "vsd" in stack_problem(vsd)

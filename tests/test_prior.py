@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from sds3d.cameras import CameraConfig, sample_cameras
+from sds3d.errors import UserError
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.data import HELD_OUT, PriorDataConfig, render_dataset, sample_captions, training_objects
 from sds3d.prior.model import PriorModelConfig
@@ -24,7 +26,7 @@ def _toy(steps: int) -> PriorTrainConfig:
 
 
 def test_data_holds_out_five_objects_and_captions_follow_the_rules():
-    objects = training_objects()
+    objects = training_objects(fronted=False)
     assert len(objects) == 25 and not {o.prompt for o in objects} & set(HELD_OUT)
     config = PriorDataConfig(resolution=8, views_per_object=40, empty_caption_prob=0.1, view_suffix_prob=0.5)
     data = render_dataset(config, objects[:2])
@@ -36,6 +38,56 @@ def test_data_holds_out_five_objects_and_captions_follow_the_rules():
             assert caption.startswith(f"a {obj.shape}" if tl else obj.prompt)
             assert (obj.color in caption) != tl  # textureless renders never name a colour
     assert "" in captions and any(c.endswith(" view") for c in captions)
+
+
+def test_world_v2_fronted_objects_train_with_more_views_biased_to_the_front():
+    plain = training_objects(fronted=False)
+    fronted = [o for o in training_objects() if o.front is not None]
+    assert training_objects()[: len(plain)] == plain and len(fronted) == 4
+    config = PriorDataConfig(
+        resolution=8, views_per_object=20, fronted_view_multiplier=3, front_view_share=0.5
+    )
+    data = render_dataset(config, [plain[0], fronted[0]])
+    is_fronted = torch.tensor([o.front is not None for o in data.objects])
+    assert int(is_fronted.sum()) == 60 and int((~is_fronted).sum()) == 20
+    near_front = data.azimuth_deg.abs() < 45
+    assert int((near_front & is_fronted).sum()) >= 30  # half drawn from the front range, some by chance
+    assert int((near_front & ~is_fronted).sum()) < 12  # uniform: a quarter expected
+    captions = sample_captions(data, torch.arange(80), config, torch.Generator().manual_seed(0))
+    named = [c for c, o, tl in zip(captions, data.objects, (data.shading == 2).tolist(), strict=True)
+             if c and o.front is not None and not tl]  # fmt: skip
+    assert named and all(c.startswith("a blue cube with a red front") for c in named)
+    with pytest.raises(UserError, match="front_view_share"):
+        render_dataset(dataclasses.replace(config, front_view_share=1.5), [fronted[0]])
+
+
+def test_fine_tuning_a_prior_of_an_older_vocabulary_copies_embeddings_by_token(tmp_path):
+    """The shipped prior's tokenizer predates "with": the world tokenizer's special tokens moved, so
+    copying rows by index would change every prompt's encoding. By token, old prompts encode as
+    before and the new word keeps a fresh embedding."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sds3d.prior.model import SHIPPED_PRIOR, build_models
+    from sds3d.prior.train import load_weights
+
+    old_tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_PRIOR / "tokenizer")
+    tokenizer, text_encoder, unet = build_models(PriorModelConfig(), tmp_path / "tokenizer")
+    assert "with</w>" in tokenizer.get_vocab() and "with</w>" not in old_tokenizer.get_vocab()
+    fresh = text_encoder.get_input_embeddings().weight.detach().clone()
+    load_weights(SHIPPED_PRIOR, text_encoder, unet, tokenizer)
+    old = CLIPTextModel.from_pretrained(SHIPPED_PRIOR / "text_encoder").float()
+
+    def encode(model, tok, prompt):
+        ids = tok(prompt, padding="max_length", max_length=16, return_tensors="pt").input_ids
+        return model(ids)[0]
+
+    with torch.no_grad():
+        for prompt in ("a red cube, front view", "a blue torus", ""):
+            torch.testing.assert_close(
+                encode(text_encoder, tokenizer, prompt), encode(old, old_tokenizer, prompt)
+            )
+    with_id = tokenizer.get_vocab()["with</w>"]
+    assert torch.equal(text_encoder.get_input_embeddings().weight[with_id], fresh[with_id])
 
 
 def test_train_resume_and_load_the_pipeline(tmp_path):

@@ -85,7 +85,9 @@ def front_rows(guidance, samples: int, guidance_scale: float, steps: int, view_p
             data.resolution, data.resolution,
         )  # fmt: skip
         prompts = [with_view(o.prompt, view) if view_prompts else o.prompt for o in objects]
-        sampled = sample_images(guidance, prompts, guidance_scale, steps, cameras=cameras.to(device), **sampler)
+        sampled = sample_images(
+            guidance, prompts, guidance_scale, steps, cameras=cameras.to(device), **sampler
+        )
         shows = torch.cat([image_front_share(sampled[i : i + 1], o) for i, o in enumerate(objects)])
         gt = torch.cat([
             image_front_share(render_object(o, cameras[i : i + 1]).rgb.cpu(), o) for i, o in enumerate(objects)

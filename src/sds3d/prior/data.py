@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sds3d.cameras import CameraConfig, concat_cameras, sample_cameras, view_labels
-from sds3d.prompts import with_view
 from sds3d.errors import UserError
 from sds3d.guidance.analytic import FRONT_VIEW_DEG
+from sds3d.prompts import with_view
 from sds3d.render.volume import Shading, VolumeRendererConfig, sample_lights
 from sds3d.world.render import render_object
 from sds3d.world.shapes import WorldObject, all_objects, fronted_objects

@@ -8,9 +8,9 @@ so one optimiser over the stack steps every scene as its own optimiser would. `N
 scene k as a plain `NeRFScene` (its checkpoint, its mesh); `NeRFStack([scene, …])` stacks scenes built
 as `train.build_scene` builds them, so scene k starts where a run of its own would.
 
-What stacks (`stack_problem`): the RGB NeRF with a solid or random background, analytic normals,
-uncompiled; anything else (a learned background, other normals, a compiled field, a latent warm-up)
-trains one scene at a time (batch.py says so). The twin of this fast path is the plain `NeRFScene`:
+What stacks (`stack_problem`): the RGB NeRF with a solid, random or learned background (the learned
+MLPs stacked as the field's are), analytic normals, uncompiled; anything else (other normals, a
+compiled field, a latent warm-up) trains one scene at a time (batch.py says so). The twin of this fast path is the plain `NeRFScene`:
 tests compare K stacked scenes with K scenes rendered and trained alone.
 """
 
@@ -28,7 +28,7 @@ from sds3d.cameras import Cameras
 from sds3d.devices import SceneGenerators
 from sds3d.ramp import value_at
 from sds3d.render.volume import RenderOutput, Shading, render
-from sds3d.representations.nerf import DensityAlbedo, HashGridNeRFConfig
+from sds3d.representations.nerf import BackgroundConfig, DensityAlbedo, HashGridNeRFConfig
 from sds3d.representations.nerf_scene import NeRFScene
 
 if TYPE_CHECKING:
@@ -42,14 +42,19 @@ STACKED_NAMES = {
     "nerf.mlp.2.weight": "w2",
     "nerf.mlp.2.bias": "b2",
 }
+# A learned background's MLP (nerf.Background) → the stacked background's parameters.
+BACKGROUND_NAMES = {
+    "background.mlp.0.weight": "w1",
+    "background.mlp.0.bias": "b1",
+    "background.mlp.2.weight": "w2",
+    "background.mlp.2.bias": "b2",
+}
 
 
 def stack_problem(config: RunConfig) -> str | None:
     """Why scenes of `config` cannot be stacked, or None when they can."""
     if config.representation != "nerf":
         return f"{config.representation} (only NeRFs stack)"
-    if config.background.kind == "learned":
-        return "a learned background"
     if config.nerf.normal_type != "analytic":
         return f"{config.nerf.normal_type} normals"
     if config.nerf.compile:
@@ -114,6 +119,42 @@ class SceneView:
         return out, -F.normalize(grad, dim=-1, eps=1e-6)
 
 
+class StackedBackground(nn.Module):
+    """The learned backgrounds of K scenes (nerf.Background's MLP of the ray direction), stacked."""
+
+    def __init__(self, config: BackgroundConfig, scenes: int):
+        super().__init__()
+        self.config, h = config, config.hidden_dim
+        self.w1 = nn.Parameter(torch.zeros(scenes, h, 3))
+        self.b1 = nn.Parameter(torch.zeros(scenes, h))
+        self.w2 = nn.Parameter(torch.zeros(scenes, 3, h))
+        self.b2 = nn.Parameter(torch.zeros(scenes, 3))
+
+    def view(self, ids: torch.Tensor) -> BackgroundView:
+        return BackgroundView(self, ids)
+
+
+class BackgroundView:
+    """Some scenes' learned backgrounds, called as render/volume.py calls a Background."""
+
+    def __init__(self, background: StackedBackground, ids: torch.Tensor):
+        self.background, self.ids = background, ids
+
+    def __call__(
+        self, dirs: torch.Tensor, generator=None, random: bool = True, latent: bool = False
+    ) -> torch.Tensor:
+        """dirs [B, H, W, 3], len(ids) equal groups of views scene by scene → RGB [B, H, W, 3]."""
+        if latent:
+            raise NotImplementedError(
+                "a stacked background has no latent head (latent warm-ups do not stack)"
+            )
+        bg, ids = self.background, self.ids
+        x = dirs.reshape(ids.shape[0], -1, 3)
+        h = torch.relu(torch.baddbmm(bg.b1[ids][:, None], x, bg.w1[ids].transpose(1, 2)))
+        raw = torch.baddbmm(bg.b2[ids][:, None], h, bg.w2[ids].transpose(1, 2))
+        return torch.sigmoid(raw).reshape(dirs.shape)
+
+
 def select_cameras(cameras: Cameras, index: torch.Tensor) -> Cameras:
     return Cameras(
         cameras.c2w[index], cameras.fovy_deg[index], cameras.elevation_deg[index], cameras.azimuth_deg[index],
@@ -139,7 +180,14 @@ class NeRFStack(nn.Module):
         first = scenes[0]
         self.template = copy.deepcopy(first)  # a plain scene to write scene k into
         self.field = StackedHashGridNeRF(first.nerf.config, len(scenes))
-        self.background = copy.deepcopy(first.background)  # solid or random: no parameters
+        self.learned_background = first.background.config.kind == "learned"
+        # Solid or random: the scene's own (no parameters); learned: one MLP per scene, stacked.
+        self.background: nn.Module = (
+            StackedBackground(first.background.config, len(scenes))
+            if self.learned_background
+            else copy.deepcopy(first.background)
+        )
+        self.names = {**STACKED_NAMES, **(BACKGROUND_NAMES if self.learned_background else {})}
         self.renderer, self.weights = first.renderer, first.weights
         self._id_tensors: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         with torch.no_grad():
@@ -158,6 +206,8 @@ class NeRFStack(nn.Module):
         return tensor.view(len(self), -1, tensor.shape[-1]) if name == "nerf.encoding.tables" else tensor
 
     def stacked_parameter(self, name: str) -> nn.Parameter:
+        if name in BACKGROUND_NAMES:
+            return getattr(self.background, BACKGROUND_NAMES[name])
         f = self.field
         return f.encoding.tables if name == "nerf.encoding.tables" else getattr(f, STACKED_NAMES[name])
 
@@ -165,25 +215,23 @@ class NeRFStack(nn.Module):
     def load_scene(self, k: int, scene: NeRFScene) -> None:
         """Write a plain scene's parameters into slot k."""
         state = scene.state_dict()
-        for name in STACKED_NAMES:
+        for name in self.names:
             self._per_scene(name)[k].copy_(state[name])
 
     @torch.no_grad()
     def scene(self, k: int) -> NeRFScene:
         """Scene k as a plain NeRFScene (a copy)."""
         scene = copy.deepcopy(self.template)
-        scene.load_state_dict(
-            {name: self._per_scene(name)[k].clone() for name in STACKED_NAMES}, strict=False
-        )
+        scene.load_state_dict({name: self._per_scene(name)[k].clone() for name in self.names}, strict=False)
         return scene
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """NeRFScene's groups: the tables at the grid's learning rate, the MLP at the MLP's."""
         f = self.field
-        return [
-            {"params": [f.encoding.tables], "lr": optim.lr_grid},
-            {"params": [f.w1, f.b1, f.w2, f.b2], "lr": optim.lr_mlp},
+        rest = [f.w1, f.b1, f.w2, f.b2] + [
+            self.stacked_parameter(n) for n in BACKGROUND_NAMES if n in self.names
         ]
+        return [{"params": [f.encoding.tables], "lr": optim.lr_grid}, {"params": rest, "lr": optim.lr_mlp}]
 
     def render_scenes(
         self,
@@ -207,7 +255,8 @@ class NeRFStack(nn.Module):
                 None if group else torch.tensor([i * per + j for i in ids for j in range(per)], device=device)
             )
             out = render(
-                self.field.view(self._ids(ids, device)), self.background,
+                self.field.view(self._ids(ids, device)),
+                self.background.view(self._ids(ids, device)) if self.learned_background else self.background,
                 cameras if rows is None else select_cameras(cameras, rows), self.renderer.num_samples,
                 shading=shading,
                 light_positions=None if shading == "albedo" or light_positions is None
@@ -246,5 +295,5 @@ class NeRFStack(nn.Module):
 
     def finite_scenes(self) -> torch.Tensor:
         """[K] bool (no host sync): every parameter of scene k is finite."""
-        checks = [torch.isfinite(self._per_scene(n).reshape(len(self), -1)).all(dim=1) for n in STACKED_NAMES]
+        checks = [torch.isfinite(self._per_scene(n).reshape(len(self), -1)).all(dim=1) for n in self.names]
         return torch.stack(checks).all(dim=0)
