@@ -25,7 +25,9 @@ OMP_NUM_THREADS=4 timeout -k 10 $((60 * minutes + 150)) python3 -m sds3d.cli pri
   --max-minutes "$minutes" --no-progress > runs/prior_v2/train.log 2>&1
 date; tail -n 3 runs/prior_v2/train.log
 timeout -k 10 150 python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model runs/prior_v2/train/pipeline \
-  --out runs/prior_v2 --name prior_accuracy_camera_v2 > runs/prior_v2/accuracy_v2.log 2>&1
+  --out runs/prior_v2 --name prior_accuracy_camera_v2 > runs/prior_v2/accuracy_v2.log 2>&1 &
+# EVAL=SECONDS: meanwhile measure the new prior as the default preset's (scripts/device_prior_eval.sh).
+[ -n "${EVAL:-}" ] && bash scripts/device_prior_eval.sh runs/prior_v2/train/pipeline "$EVAL" "$shards"
 wait; date
 tail -n 2 runs/prior_v2/*.log runs/prior_v2/quality_old/*.log 2>/dev/null | cut -c1-300
 tail -n 12 runs/prior_v2/prior_accuracy_camera_*.md
