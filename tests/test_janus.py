@@ -180,3 +180,33 @@ def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
 
     write_janus_report(tmp_path, "learned", {**a, "preset": "default", "front_share": None, "summary": None})
     assert "Prior: the `default` preset's." in (tmp_path / "learned.md").read_text()
+
+
+@pytest.mark.parametrize("obj", fronted_objects(), ids=lambda o: o.shape)
+def test_image_front_share_sees_the_front_from_the_front_only(obj):
+    """Ground-truth renders from the front camera (azimuth 0°) show the front's colour, from the back
+    (180°) next to none; an image in the body colour alone and one with the colours swapped bound it."""
+    from sds3d.world.metrics import IMAGE_FRONT_SHARE, image_front_share
+
+    cams = orbit_cameras(torch.tensor([15.0, 15.0]), torch.tensor([0.0, 180.0]), torch.tensor([2.5, 2.5]),
+                         torch.tensor([40.0, 40.0]), 32, 32)  # fmt: skip
+    front, back = image_front_share(render_object(obj, cams).rgb, obj).tolist()
+    assert front >= IMAGE_FRONT_SHARE and back < IMAGE_FRONT_SHARE / 4  # edge pixels blend colours
+    swapped = WorldObject(obj.shape, obj.front, obj.color)  # its "front" colour is obj's body colour
+    assert image_front_share(render_object(swapped, cams[1:]).rgb, obj).item() > 0.95
+    with pytest.raises(ValueError, match="no front"):
+        image_front_share(torch.ones(1, 3, 4, 4), WorldObject(obj.shape, obj.color))
+
+
+def test_prior_accuracy_fronts_check_samples_both_cameras(tiny_pixel_model):
+    """The fronts table: every fronted prompt from the front and the back camera, with ground truth
+    that shows the front from the front only."""
+    from sds3d.bench.prior_accuracy import front_rows
+    from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+
+    guidance = DiffusersGuidanceConfig(model=str(tiny_pixel_model)).build(CameraConfig())
+    rows, images = front_rows(guidance, 2, 3.0, 2, view_prompts=True, device="cpu")
+    assert [(r["camera"], r["azimuth_deg"]) for r in rows] == [("front", 0.0), ("back", 180.0)]
+    assert [r["ground_truth_shows_front"] for r in rows] == [1.0, 0.0]
+    assert all(r["samples"] == 2 * len(fronted_objects()) for r in rows)
+    assert images.shape[0] == 4 * len(fronted_objects()) and 0 <= min(r["shows_front"] for r in rows) <= 1

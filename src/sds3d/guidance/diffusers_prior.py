@@ -264,7 +264,7 @@ class DiffusersGuidance(Prior):
         if unknown:
             raise UserError(
                 f"the built-in prior {self.config.model} knows only the synthetic-world prompts "
-                f'("a {{colour}} {{shape}}" or "… with a {{colour}} front", e.g. "a blue torus"), not the word(s) {", ".join(unknown)}; '
+                f'("a {{colour}} {{shape}}", e.g. "a blue torus"), not the word(s) {", ".join(unknown)}; '
                 "pass --model for another diffusers model"
             )
 
