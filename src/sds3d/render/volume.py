@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sds3d.cameras import Cameras, camera_rays
 from sds3d.devices import Generators, device_generator, draw_rows
-from sds3d.representations.nerf import Background, DensityAlbedo, HashGridNeRFConfig
+from sds3d.representations.nerf import DensityAlbedo, HashGridNeRFConfig
 
 Shading = Literal["albedo", "lambertian", "textureless"]
 
@@ -37,6 +37,15 @@ class RadianceField(Protocol):
     def normals(
         self, points: torch.Tensor, create_graph: bool, latent: bool = False
     ) -> tuple[DensityAlbedo, torch.Tensor]: ...
+
+
+class BackgroundField(Protocol):
+    """What the renderer asks for the colour behind each ray: nerf.Background, or some scenes'
+    learned backgrounds of a stack (nerf_stack.BackgroundView)."""
+
+    def __call__(
+        self, dirs: torch.Tensor, generator: Generators = None, random: bool = True, latent: bool = False
+    ) -> torch.Tensor: ...
 
 
 INFERENCE_CHUNK = 32768  # points per field query without autograd (measured fastest on a 2-core CPU)
@@ -175,7 +184,7 @@ _shade_and_composite_compiled = torch.compile(_shade_and_composite)
 
 def render(
     nerf: RadianceField,
-    background: Background,
+    background: BackgroundField,
     cameras: Cameras,
     num_samples: int,
     shading: Shading = "albedo",

@@ -28,7 +28,7 @@ from sds3d.cameras import Cameras
 from sds3d.devices import SceneGenerators
 from sds3d.ramp import value_at
 from sds3d.render.volume import RenderOutput, Shading, render
-from sds3d.representations.nerf import BackgroundConfig, DensityAlbedo, HashGridNeRFConfig
+from sds3d.representations.nerf import Background, BackgroundConfig, DensityAlbedo, HashGridNeRFConfig
 from sds3d.representations.nerf_scene import NeRFScene
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class NeRFStack(nn.Module):
         self.field = StackedHashGridNeRF(first.nerf.config, len(scenes))
         self.learned_background = first.background.config.kind == "learned"
         # Solid or random: the scene's own (no parameters); learned: one MLP per scene, stacked.
-        self.background: nn.Module = (
+        self.background: Background | StackedBackground = (
             StackedBackground(first.background.config, len(scenes))
             if self.learned_background
             else copy.deepcopy(first.background)
@@ -256,7 +256,9 @@ class NeRFStack(nn.Module):
             )
             out = render(
                 self.field.view(self._ids(ids, device)),
-                self.background.view(self._ids(ids, device)) if self.learned_background else self.background,
+                self.background.view(self._ids(ids, device))
+                if isinstance(self.background, StackedBackground)
+                else self.background,
                 cameras if rows is None else select_cameras(cameras, rows), self.renderer.num_samples,
                 shading=shading,
                 light_positions=None if shading == "albedo" or light_positions is None
