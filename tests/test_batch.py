@@ -306,3 +306,80 @@ def test_ray_batch_shards_over_two_workers_and_redoes_a_killed_workers_prompts(t
     for row in index["results"]:
         assert (tmp_path / "out" / row["files"]["glb"]).is_file()
     assert (tmp_path / "out" / "contact_sheet.png").is_file()
+
+
+def test_batch_bench_makes_an_unstackable_preset_stackable_and_says_how():
+    """fast-sd's closed-form normals and compiled NeRF do not stack: the batch runs analytic normals
+    and an eager NeRF, and says so; a preset that stacks as it is keeps every setting."""
+    from sds3d.bench.batch import batch_config
+    from sds3d.errors import UserError
+
+    config, changes = batch_config("fast-sd", "some/folder", "cpu", 5, compile=False)
+    assert stack_problem(config) is None and config.guidance.model == "some/folder" and config.steps == 5
+    assert changes == ["normals closed_form → analytic", "NeRF compiled → eager"]
+    assert (config.nerf.normal_type, config.nerf.compile) == ("analytic", False)
+    config, changes = batch_config("dreamfusion-sd", None, "cpu", 5, compile=False)
+    assert changes == [] and config.nerf == preset("dreamfusion-sd").nerf
+    with pytest.raises(UserError, match="cannot be stacked"):
+        batch_config("gaussians", None, "cpu", 5, compile=False)
+    with pytest.raises(UserError, match="diffusers prior"):
+        batch_config("empirical", "some/folder", "cpu", 5, compile=False)
+
+
+def test_batch_bench_sequential_runs_name_the_preset_and_model(tmp_path, monkeypatch):
+    """The sequential baseline is `sds3d generate` with the same preset and prior as the batch."""
+    import subprocess
+
+    from sds3d.bench import batch as bench
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    out = bench.measure_sequential(2, "cpu", 7, tmp_path, "fast-sd", "some/folder")
+    assert out["prompts"] == 2 and len(calls) == 2
+    for cmd in calls:
+        assert cmd[cmd.index("--preset") + 1] == "fast-sd" and cmd[cmd.index("--model") + 1] == "some/folder"
+        assert cmd[cmd.index("--steps") + 1] == "7"
+    calls.clear()
+    bench.measure_sequential(1, "cpu", 7, tmp_path)
+    assert "--model" not in calls[0] and calls[0][calls[0].index("--preset") + 1] == "default"
+
+
+def test_random_model_folder_refuses_sdxl_and_model_with_arch(tmp_path):
+    from sds3d.bench.batch import main as bench_main
+    from sds3d.bench.batch import random_model_folder
+    from sds3d.errors import UserError
+
+    with pytest.raises(UserError, match="--arch"):
+        random_model_folder("sdxl", tmp_path / "m")
+    with pytest.raises(UserError, match="give one"):
+        bench_main(["--model", "x", "--arch", "sd15", "--out", str(tmp_path)])
+
+
+def test_random_model_folder_loads_as_a_diffusers_prior(tmp_path, monkeypatch):
+    """--arch's folder at toy size (an architecture of bench.speed's form): it loads through the
+    diffusers prior's from_pretrained path, and a second call reuses it."""
+    from sds3d.bench import speed
+    from sds3d.bench.batch import random_model_folder
+    from sds3d.cameras import CameraConfig
+    from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+
+    toy = {
+        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+                 "block_out_channels": (16, 32), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 16,
+                 "attention_head_dim": 4, "norm_num_groups": 8},
+        "vae": {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2, "latent_channels": 4, "norm_num_groups": 4,
+                "layers_per_block": 1, "sample_size": 16},
+        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "max_position_embeddings": 16},
+    }  # fmt: skip
+    monkeypatch.setitem(speed.ARCHS, "toy", toy)
+    folder = random_model_folder("toy", tmp_path / "toy")
+    stamp = (folder / "unet" / "config.json").stat().st_mtime_ns
+    assert random_model_folder("toy", tmp_path / "toy") == folder
+    assert (folder / "unet" / "config.json").stat().st_mtime_ns == stamp
+    guidance = DiffusersGuidanceConfig(model=str(folder), dtype="float32").build(CameraConfig())
+    emb = guidance.encode_prompt("a red cube")
+    eps = guidance.predict_noise(torch.randn(1, 4, 8, 8), torch.tensor([500]), [emb], None)
+    assert eps.shape == (1, 4, 8, 8) and torch.isfinite(eps).all()

@@ -4,12 +4,19 @@ sequential `sds3d generate` processes (what one does without it), on one machine
     python -m sds3d.bench.batch [--device cuda] [--scenes 1,4,16,64] [--prompts 64] [--sequential 4]
                                 [--steps 800] [--out benchmarks]
     python -m sds3d.bench.batch --combine run1.json run2.json --name batch_gpu   # one lease, two commands
+    python -m sds3d.bench.batch --device cuda --preset fast-sd --arch sd15 --name batch_gpu_sd15
 
 Every K trains and exports max(K, --prompts-min) world prompts (the 30 world prompts, then again
 with the next seed) with the default preset; the prior is built once per K (its load and, on a GPU,
 its compilation are timed apart: `load_s`), and `prompts/h` is results over the batch's wall time,
 training and export together. `--sequential N` times N separate `sds3d generate` processes, process
 start-up and prior loading included. GPU memory is torch's peak allocation during the batch.
+
+`--preset` runs another preset; `--model DIR` gives its diffusers prior, and `--arch sd15` writes
+random weights of Stable Diffusion 1.5's architecture (bench.speed's) to a folder and uses that (no
+hub here). Where the preset's scenes cannot be stacked (fast-sd: closed-form normals, a compiled
+NeRF), the batch runs it with what stacks (analytic normals, an eager NeRF) and the report lists the
+changes; the sequential processes run the preset as it is, fast path and all.
 """
 
 from __future__ import annotations
@@ -38,13 +45,65 @@ def world_items(n: int) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def measure_batch(k: int, n: int, device: str, steps: int, compile: bool, work: Path) -> dict:
+def random_model_folder(arch: str, out: Path) -> Path:
+    """Random weights of `arch` (bench.speed's architectures) as a diffusers folder, what `--model`
+    loads; a folder already written is reused."""
+    from diffusers import DDPMScheduler
+
+    from sds3d.bench.speed import ARCHS, build_components
+
+    if arch not in ARCHS or "text_2" in ARCHS[arch]:
+        raise UserError(
+            f"--arch takes one of {', '.join(a for a in ARCHS if 'text_2' not in ARCHS[a])}, not {arch!r}"
+        )
+    if (out / "model_index.json").is_file():
+        return out
+    parts = build_components(arch, out / "tokenizer")
+    for name in ("text_encoder", "unet", "vae"):
+        parts[name].save_pretrained(out / name, safe_serialization=True)
+    DDPMScheduler.from_config(parts["scheduler_config"]).save_pretrained(out / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def batch_config(preset_name: str, model: str | None, device: str, steps: int, compile: bool):
+    """(the config every K trains with, the changes that made its scenes stackable)."""
+    from sds3d.representations.nerf_stack import stack_problem
+
+    config = dataclasses.replace(preset(preset_name), device=device, steps=steps, validate_every=0)
+    if model is not None:
+        if not isinstance(config.guidance, DiffusersGuidanceConfig):
+            raise UserError(f"--model is for a preset with a diffusers prior, not {preset_name!r}")
+        config.guidance = dataclasses.replace(config.guidance, model=model)
+    if isinstance(config.guidance, DiffusersGuidanceConfig):
+        config.guidance = dataclasses.replace(
+            config.guidance,
+            compile=compile,
+            compile_mode="reduce-overhead" if compile else config.guidance.compile_mode,
+        )
+    changes = []
+    if stack_problem(config) is not None and config.representation == "nerf":
+        if config.nerf.normal_type != "analytic":
+            changes.append(f"normals {config.nerf.normal_type} → analytic")
+        if config.nerf.compile:
+            changes.append("NeRF compiled → eager")
+        config.nerf = dataclasses.replace(config.nerf, normal_type="analytic", compile=False)
+    if (problem := stack_problem(config)) is not None:
+        raise UserError(f"the {preset_name} preset's scenes cannot be stacked: {problem}")
+    return config, changes
+
+
+def measure_batch(
+    k: int, n: int, device: str, steps: int, compile: bool, work: Path, preset_name: str = "default",
+    model: str | None = None,
+) -> dict:  # fmt: skip
     from sds3d.batch import run_batch
     from sds3d.train import build_prior
 
-    config = dataclasses.replace(preset("default"), device=device, steps=steps, validate_every=0)
-    if compile and isinstance(config.guidance, DiffusersGuidanceConfig):
-        config.guidance = dataclasses.replace(config.guidance, compile=True, compile_mode="reduce-overhead")
+    config, _ = batch_config(preset_name, model, device, steps, compile)
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
     prior = build_prior(config)
@@ -66,12 +125,16 @@ def measure_batch(k: int, n: int, device: str, steps: int, compile: bool, work: 
     }  # fmt: skip
 
 
-def measure_sequential(n: int, device: str, steps: int, work: Path) -> dict:
+def measure_sequential(
+    n: int, device: str, steps: int, work: Path, preset_name: str = "default", model: str | None = None
+) -> dict:
     prompts, _ = world_items(n)
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts[:n]):
         cmd = [sys.executable, "-m", "sds3d.cli", "generate", prompt, "--device", device, "--steps", str(steps),
-               "--out", str(work / f"seq{i}"), "--no-progress"]  # fmt: skip
+               "--preset", preset_name, "--out", str(work / f"seq{i}"), "--no-progress"]  # fmt: skip
+        if model is not None:
+            cmd += ["--model", model]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     return {"prompts": n, "wall_s": round(wall, 1), "prompts_per_hour": round(n * 3600 / wall, 1)}
@@ -91,9 +154,11 @@ def combine(paths: list[Path]) -> dict:
         for r in runs
     ):
         raise UserError("--combine takes the .json reports of `python -m sds3d.bench.batch`")
+    for run in runs:
+        run.setdefault("preset", "default")  # reports from before --preset
     first = runs[0]
     for run in runs[1:]:
-        for field in ("device", "steps", "compile"):
+        for field in ("device", "steps", "compile", "preset"):
             if run[field] != first[field]:
                 raise UserError(f"{field} differs between the runs: {first[field]!r} and {run[field]!r}")
         if run["machine"].get("gpu") != first["machine"].get("gpu"):
@@ -108,7 +173,7 @@ def write(out: Path, name: str, data: dict) -> None:
     cuda = data["device"].startswith("cuda")
     base = sequential["prompts_per_hour"] if sequential else None
     lines = [
-        f"# `sds3d batch` throughput ({data['device']}, default preset, {data['steps']} steps)", "",
+        f"# `sds3d batch` throughput ({data['device']}, {data.get('preset', 'default')} preset, {data['steps']} steps)", "",
         f"Command: `{data['command']}`", "",
         f"Machine: {machine['gpu'] if cuda else machine['cpu']}, {machine['cores']} cores, "
         f"torch {machine['torch']}; prior compiled with CUDA graphs: {'yes' if data['compile'] else 'no'}.", "",
@@ -116,6 +181,16 @@ def write(out: Path, name: str, data: dict) -> None:
         "apart as load); prompts/h counts finished meshes over the batch's wall time, training and export "
         "(on a thread, overlapping the next batch's training) together.", "",
     ]  # fmt: skip
+    if data.get("arch"):
+        lines += [
+            f"Prior: random weights of the {data['arch']} architecture (bench.speed's), written to a folder.",
+            "",
+        ]
+    elif data.get("model"):
+        lines += [f"Prior: `{data['model']}`.", ""]
+    if data.get("stackable_changes"):
+        lines += ["The batch ran the preset with what stacks: " + "; ".join(data["stackable_changes"])
+                  + ". The sequential processes ran it as it is.", ""]  # fmt: skip
     if sequential:
         lines += [f"Sequential `sds3d generate` processes ({sequential['prompts']} prompts, start-up and loading "
                   f"included): **{sequential['prompts_per_hour']:.0f} prompts/h** ({sequential['wall_s']} s).", ""]  # fmt: skip
@@ -140,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sequential", type=int, default=4, help="separate `sds3d generate` runs to time (0: none)"
     )
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--preset", default="default", help="the preset every prompt runs")
+    parser.add_argument("--model", help="the preset's diffusers prior: a folder or hub id")
+    parser.add_argument("--arch", help="instead of --model: random weights of this architecture (sd15)")
     parser.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                         help="the prior compiled with CUDA graphs (auto: on a GPU)")  # fmt: skip
     parser.add_argument("--name", default=None, help="report name (default: batch_<cpu|gpu>)")
@@ -154,20 +232,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     scenes = [int(k) for k in args.scenes.split(",")]
     compile = args.compile == "yes" or (args.compile == "auto" and args.device.startswith("cuda"))
+    if args.model and args.arch:
+        raise UserError("--model and --arch are two ways to name the prior: give one")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        model = str(random_model_folder(args.arch, work / args.arch)) if args.arch else args.model
+        _, changes = batch_config(
+            args.preset, model, args.device, args.steps, compile
+        )  # bad input fails here
         sequential = (
-            measure_sequential(args.sequential, args.device, args.steps, work) if args.sequential else None
+            measure_sequential(args.sequential, args.device, args.steps, work, args.preset, model)
+            if args.sequential
+            else None
         )
         if sequential:
             print(f"sequential: {sequential}", flush=True)
         for k in scenes:
-            rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work))
+            rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work,
+                                      args.preset, model))  # fmt: skip
             print(rows[-1], flush=True)
     name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
     write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,
-                           "steps": args.steps, "compile": compile, "sequential": sequential, "batch": rows})  # fmt: skip
+                           "steps": args.steps, "compile": compile, "preset": args.preset,
+                           "model": None if args.arch else args.model, "arch": args.arch,
+                           "stackable_changes": changes, "sequential": sequential, "batch": rows})  # fmt: skip
     return 0
 
 
