@@ -6,7 +6,8 @@
 # - `sds3d prior train --init <shipped>` for MINUTES, then the new prior's accuracy and fronts.
 # Unpack here: prior_v2/train/pipeline is the new diffusers folder (the checkpoint stays on the device).
 #   [INIT=DIR] [OLD=0] bash scripts/device_prior_v2.sh MINUTES [SHARDS] [STEPS] [LR]
-# INIT: the diffusers folder to start from (default the shipped prior); OLD=0 skips the shipped prior's runs.
+# INIT: the diffusers folder to start from (default the shipped prior); OLD=0 skips the shipped prior's runs;
+# SNR_GAMMA: min-SNR-γ loss weighting.
 set -uo pipefail
 minutes=$1 shards=${2:-8} steps=${3:-8000} lr=${4:-2e-4} init=${INIT:-src/sds3d/prior/weights/world-prior-32}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -22,7 +23,7 @@ done
   --out runs/prior_v2 --name prior_accuracy_camera_old > runs/prior_v2/accuracy_old.log 2>&1 & }
 OMP_NUM_THREADS=4 timeout -k 10 $((60 * minutes + 150)) python3 -m sds3d.cli prior train --out runs/prior_v2/train \
   --init "$init" --device cuda --compile --steps "$steps" --lr "$lr" \
-  --max-minutes "$minutes" --no-progress > runs/prior_v2/train.log 2>&1
+  --max-minutes "$minutes" ${SNR_GAMMA:+--snr-gamma "$SNR_GAMMA"} --no-progress > runs/prior_v2/train.log 2>&1
 date; tail -n 3 runs/prior_v2/train.log
 timeout -k 10 150 python3 -m sds3d.bench.prior_accuracy --camera --device cuda --model runs/prior_v2/train/pipeline \
   --out runs/prior_v2 --name prior_accuracy_camera_v2 > runs/prior_v2/accuracy_v2.log 2>&1 &

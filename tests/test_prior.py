@@ -90,6 +90,17 @@ def test_fine_tuning_a_prior_of_an_older_vocabulary_copies_embeddings_by_token(t
     assert torch.equal(text_encoder.get_input_embeddings().weight[with_id], fresh[with_id])
 
 
+def test_min_snr_weighting_is_the_plain_loss_at_a_huge_gamma_and_lighter_at_a_small_one(tmp_path):
+    """min(SNR, γ)/SNR is 1 for every t when γ exceeds every SNR, and below 1 for the clean steps
+    at γ = 1: the same steps, the same draws, a smaller loss."""
+    plain = train_prior(_toy(3), tmp_path / "plain", progress=False)["log"][-1]["loss"]
+    huge = train_prior(dataclasses.replace(_toy(3), snr_gamma=1e9), tmp_path / "huge", progress=False)
+    small = train_prior(dataclasses.replace(_toy(3), snr_gamma=1.0), tmp_path / "small", progress=False)
+    assert huge["log"][-1]["loss"] == pytest.approx(plain, rel=1e-5)
+    assert small["log"][-1]["loss"] < 0.9 * plain
+    assert small["runs"][-1]["snr_gamma"] == 1.0
+
+
 def test_train_resume_and_load_the_pipeline(tmp_path):
     full = train_prior(_toy(3), tmp_path / "a", progress=False)
     assert full["steps"] == 3

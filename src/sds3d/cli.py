@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this long (resume later)")
     pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
     pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
+    pt.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (default: the plain ε loss)")
     pt.add_argument(
         "--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)"
     )
@@ -332,6 +333,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
         config.batch_size = args.batch_size
     if args.lr is not None:
         config.lr = args.lr
+    if args.snr_gamma is not None:
+        if args.snr_gamma <= 0:
+            raise UserError(f"--snr-gamma must be positive, not {args.snr_gamma}")
+        config.snr_gamma = args.snr_gamma
     if args.init is not None and not (args.init / "unet").is_dir():
         raise UserError(f"--init {args.init} is not a diffusers folder of the prior (no unet/)")
     if (args.out / "checkpoint.pt").exists() and not args.resume:

@@ -41,6 +41,11 @@ class PriorTrainConfig:
     # accuracy from 77% to 35% (camera-conditioned, CFG 3, the then x_0-clipping sampler; see the
     # model card: the saturated backgrounds came from the clipping, not from the training).
     offset_noise: float = 0.0
+    # Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`): each sample's ε loss
+    # times min(SNR_t, γ)/SNR_t, which weights the noisy half of the schedule, where only the
+    # conditioning (the camera) says where an object's front is, against the clean half where the
+    # image shows it. None: the plain ε loss.
+    snr_gamma: float | None = None
     checkpoint_every: int = 1000
     seed: int = 0
     data: PriorDataConfig = field(default_factory=PriorDataConfig)
@@ -120,7 +125,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     def this_run() -> dict:
         return {"from_step": first_step, "to_step": step, "seconds": round(time.perf_counter() - start_time, 1),
                 "device": device, "compile": compile, "batch_size": config.batch_size, "lr": config.lr,
-                "offset_noise": config.offset_noise}  # fmt: skip
+                "offset_noise": config.offset_noise, "snr_gamma": config.snr_gamma}  # fmt: skip
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
     running, counted = torch.zeros((), device=device), 0
@@ -142,7 +147,12 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
             pred = run_unet(
                 add_noise(x, noise, t, abar), t, encoder_hidden_states=emb, class_labels=cams
             ).sample
-            loss = F.mse_loss(pred.float(), noise)
+            if config.snr_gamma is None:
+                loss = F.mse_loss(pred.float(), noise)
+            else:
+                snr = abar[t] / (1 - abar[t])
+                weight = snr.clamp(max=config.snr_gamma) / snr
+                loss = (weight * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
