@@ -73,7 +73,8 @@ def front_rows(guidance, samples: int, guidance_scale: float, steps: int, view_p
     """World v2's fronted prompts sampled from the front camera and from the back one (camera
     conditioned): how often each sample shows the front (≥ IMAGE_FRONT_SHARE of its object pixels in
     the front's colour), beside ground-truth renders from the same cameras. A prior that knows where
-    the front is shows it from the front and not from the back. Also returns the samples."""
+    the front is shows it from the front and not from the back. Both cameras start from the same
+    noise (sample_images' seed), so the pair differs in the camera alone. Also returns the samples."""
     data = PriorDataConfig()
     rows, images = [], []
     for view, azimuth in FRONT_CHECK_VIEWS.items():
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(180°), elevation {FRONT_CHECK_ELEVATION_DEG:g}°, {2 * args.samples} samples each"
             f"{', with the view suffix' if args.view_prompts else ''}. Shows the front: ≥ {IMAGE_FRONT_SHARE:.0%} "
             "of the object's pixels nearer the front's colour than the body's. A prior that knows where the "
-            f"front is shows it from the front and not from the back. Samples: `{args.name}_fronts.png` "
+            "front is shows it from the front and not from the back; both cameras start from the same noise, so "
+            f"only the camera differs. Samples: `{args.name}_fronts.png` "
             "(front-camera rows first, one prompt per row).",
             "",
             "| camera | samples | samples show the front | ground truth shows the front |",
