@@ -15,12 +15,5 @@ for c in $conditions; do
 done
 wait; date
 tail -n 3 janus/*.log | cut -c1-300
-python3 -m sds3d.cli bench janus --combine janus/janus_*.json --out janus --name janus | head -12
-python3 - <<'PY'
-import glob, imageio.v2 as imageio, numpy as np
-strips = [imageio.imread(p) for p in sorted(glob.glob("janus/janus_*.png"))]
-if strips:
-    w = max(s.shape[1] for s in strips)
-    imageio.imwrite("janus/janus.png", np.concatenate([np.pad(s, ((0, 0), (0, w - s.shape[1]), (0, 0)), constant_values=255) for s in strips]))
-PY
+python3 -m sds3d.cli bench janus --combine janus/janus_*.json --out janus --name janus --image janus/janus.png | head -12
 tar czf "$OUT/janus.tgz" janus

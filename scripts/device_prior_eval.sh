@@ -26,13 +26,7 @@ for i in $(seq 0 $((shards - 1))); do
 done
 wait; date
 tail -n 2 prior_eval/*.log | cut -c1-300
-python3 -m sds3d.cli bench janus --combine prior_eval/janus_*.json --out prior_eval --name janus_default | head -14
+python3 -m sds3d.cli bench janus --combine prior_eval/janus_*.json --out prior_eval --name janus_default \
+  --image prior_eval/janus_default.png | head -14
 python3 -m sds3d.cli bench quality --combine prior_eval/quality_shard*.json --out prior_eval --name quality_gpu | head -12
-python3 - <<'PY'
-import glob, imageio.v2 as imageio, numpy as np
-strips = [imageio.imread(p) for p in sorted(glob.glob("prior_eval/janus_*.png"))]
-if strips:
-    w = max(s.shape[1] for s in strips)
-    imageio.imwrite("prior_eval/janus_default.png", np.concatenate([np.pad(s, ((0, 0), (0, w - s.shape[1]), (0, 0)), constant_values=255) for s in strips]))
-PY
 tar czf "$OUT/prior_eval.tgz" --exclude='*.ply' --exclude='*.glb' prior_eval

@@ -124,15 +124,18 @@ def test_scene_k_comes_back_out_of_the_stack():
             assert torch.equal(a, b), name
 
 
-def test_a_step_of_stacked_scenes_is_each_scenes_own_step(prior, tmp_path):
+@pytest.mark.parametrize("background", ["solid", "learned"])
+def test_a_step_of_stacked_scenes_is_each_scenes_own_step(prior, tmp_path, background):
     """One step: each scene's Adam moments (its gradient) as its own run's, to rounding (the batched
     U-Net call is not bit-for-bit batch-invariant on the CPU), and its generator exactly where its
-    own run leaves it (the same draws, in the same order)."""
+    own run leaves it (the same draws, in the same order); a learned background's MLP included."""
     from sds3d.bench.study import SHADINGS
+    from sds3d.representations.nerf import BackgroundConfig
 
     mix = dataclasses.replace(_config().renderer, **SHADINGS["textureless-mix"])  # each scene its own shading
     configs = [
-        _config(steps=1, prompt=p, seed=s, renderer=mix) for p, s in zip(PROMPTS, (0, 1, 2), strict=True)
+        _config(steps=1, prompt=p, seed=s, renderer=mix, background=BackgroundConfig(kind=background))
+        for p, s in zip(PROMPTS, (0, 1, 2), strict=True)
     ]
     train_scenes(configs, [tmp_path / f"b{k}" for k in range(3)], prior, progress=False)
     for k, config in enumerate(configs):
@@ -140,6 +143,7 @@ def test_a_step_of_stacked_scenes_is_each_scenes_own_step(prior, tmp_path):
         alone = runs.load_checkpoint(tmp_path / f"a{k}").state
         batched = runs.load_checkpoint(tmp_path / f"b{k}").state
         assert torch.equal(alone["rng"], batched["rng"])
+        assert len(batched["optimizer"]["state"]) == len(alone["optimizer"]["state"])
         for index, state in alone["optimizer"]["state"].items():
             a, b = state["exp_avg"], batched["optimizer"]["state"][index]["exp_avg"]
             assert (a - b).norm() <= 1e-3 * a.norm(), (k, index)
@@ -355,29 +359,16 @@ def test_random_model_folder_refuses_sdxl_and_model_with_arch(tmp_path):
         bench_main(["--model", "x", "--arch", "sd15", "--out", str(tmp_path)])
 
 
-def test_random_model_folder_loads_as_a_diffusers_prior(tmp_path, monkeypatch):
-    """--arch's folder at toy size (an architecture of bench.speed's form): it loads through the
+def test_random_model_folder_loads_as_a_diffusers_prior(tmp_path):
+    """--arch's folder at toy size (bench.speed's tiny-sd architecture): it loads through the
     diffusers prior's from_pretrained path, and a second call reuses it."""
-    from sds3d.bench import speed
     from sds3d.bench.batch import random_model_folder
     from sds3d.cameras import CameraConfig
     from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 
-    toy = {
-        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-                 "block_out_channels": (16, 32), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 16,
-                 "attention_head_dim": 4, "norm_num_groups": 8},
-        "vae": {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
-                "up_block_types": ("UpDecoderBlock2D",) * 2, "latent_channels": 4, "norm_num_groups": 4,
-                "layers_per_block": 1, "sample_size": 16},
-        "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                 "max_position_embeddings": 16},
-    }  # fmt: skip
-    monkeypatch.setitem(speed.ARCHS, "toy", toy)
-    folder = random_model_folder("toy", tmp_path / "toy")
+    folder = random_model_folder("tiny-sd", tmp_path / "toy")
     stamp = (folder / "unet" / "config.json").stat().st_mtime_ns
-    assert random_model_folder("toy", tmp_path / "toy") == folder
+    assert random_model_folder("tiny-sd", tmp_path / "toy") == folder
     assert (folder / "unet" / "config.json").stat().st_mtime_ns == stamp
     guidance = DiffusersGuidanceConfig(model=str(folder), dtype="float32").build(CameraConfig())
     emb = guidance.encode_prompt("a red cube")

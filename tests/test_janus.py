@@ -152,7 +152,8 @@ def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
     prompt = "a blue cube with a red front"
     for condition in ("neither", "camera"):
         assert _command(["--steps", "3", "--seeds", "1", "--conditions", condition, "--prompts", prompt,
-                         "--out", str(tmp_path), "--name", f"j_{condition}"]) == 0  # fmt: skip
+                         "--out", str(tmp_path), "--name", f"j_{condition}",
+                         "--image", str(tmp_path / f"j_{condition}.png")]) == 0  # fmt: skip
     a = json.loads((tmp_path / "j_neither.json").read_text())
     assert (
         a["front_share"] == 0.75
@@ -161,8 +162,19 @@ def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
     )
     assert len(a["results"]["neither"][0]["sector_share"]) == 8 and a["summary"]["neither"]["runs"] == 1
     paths = [str(tmp_path / "j_neither.json"), str(tmp_path / "j_camera.json")]
-    assert _command(["--combine", *paths, "--out", str(tmp_path), "--name", "j"]) == 0
+    assert (
+        _command(
+            ["--combine", *paths, "--out", str(tmp_path), "--name", "j", "--image", str(tmp_path / "j.png")]
+        )
+        == 0
+    )
     joined = json.loads((tmp_path / "j.json").read_text())
+    import imageio.v2 as imageio
+
+    strips = [imageio.imread(tmp_path / f"j_{c}.png") for c in ("neither", "camera")]
+    assert imageio.imread(tmp_path / "j.png").shape[0] == sum(
+        im.shape[0] for im in strips
+    )  # both, one under another
     assert (
         list(joined["results"]) == ["neither", "camera"]
         and "| camera | 1 |" in (tmp_path / "j.md").read_text()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from sds3d.bench.report import describe_machine, write_report
-from sds3d.config import DiffusersGuidanceConfig, preset
+from sds3d.config import DiffusersGuidanceConfig, RunConfig, preset
 from sds3d.errors import UserError
 from sds3d.world.shapes import all_objects
 
@@ -69,7 +69,9 @@ def random_model_folder(arch: str, out: Path) -> Path:
     return out
 
 
-def batch_config(preset_name: str, model: str | None, device: str, steps: int, compile: bool):
+def batch_config(
+    preset_name: str, model: str | None, device: str, steps: int, compile: bool
+) -> tuple[RunConfig, list[str]]:
     """(the config every K trains with, the changes that made its scenes stackable)."""
     from sds3d.representations.nerf_stack import stack_problem
 
@@ -96,15 +98,12 @@ def batch_config(preset_name: str, model: str | None, device: str, steps: int, c
     return config, changes
 
 
-def measure_batch(
-    k: int, n: int, device: str, steps: int, compile: bool, work: Path, preset_name: str = "default",
-    model: str | None = None,
-) -> dict:  # fmt: skip
+def measure_batch(k: int, n: int, config: RunConfig, work: Path) -> dict:
+    """K scenes at a time of `config` (batch_config's) over n world prompts × seeds."""
     from sds3d.batch import run_batch
     from sds3d.train import build_prior
 
-    config, _ = batch_config(preset_name, model, device, steps, compile)
-    cuda = device.startswith("cuda")
+    cuda = config.device.startswith("cuda")
     t0 = time.perf_counter()
     prior = build_prior(config)
     load_s = time.perf_counter() - t0
@@ -238,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(random_model_folder(args.arch, work / args.arch)) if args.arch else args.model
-        _, changes = batch_config(
-            args.preset, model, args.device, args.steps, compile
-        )  # bad input fails here
+        config, changes = batch_config(args.preset, model, args.device, args.steps, compile)
         sequential = (
             measure_sequential(args.sequential, args.device, args.steps, work, args.preset, model)
             if args.sequential
@@ -249,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if sequential:
             print(f"sequential: {sequential}", flush=True)
         for k in scenes:
-            rows.append(measure_batch(k, max(k, args.prompts_min), args.device, args.steps, compile, work,
-                                      args.preset, model))  # fmt: skip
+            rows.append(measure_batch(k, max(k, args.prompts_min), config, work))
             print(rows[-1], flush=True)
     name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
     write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,

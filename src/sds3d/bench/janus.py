@@ -160,7 +160,21 @@ def combine(paths: list[Path]) -> dict:
                 f"condition(s) {', '.join(set(results) & set(data['results']))} in more than one report"
             )
         results |= data["results"]
-    return {**first, "command": "; ".join(d["command"] for d in reports), "results": results}
+    images = [d["image"] for d in reports if d.get("image")]
+    return {
+        **first,
+        "command": "; ".join(d["command"] for d in reports),
+        "results": results,
+        "images": images,
+    }
+
+
+def stack_rows(images: list[np.ndarray]) -> np.ndarray:
+    """Images one under another, the narrower padded white on the right."""
+    width = max(im.shape[1] for im in images)
+    return np.concatenate(
+        [np.pad(im, ((0, 0), (0, width - im.shape[1]), (0, 0)), constant_values=255) for im in images]
+    )
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -193,13 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=Path, help="keep the runs here (a killed bench resumes; default: a temp dir)"
     )
-    parser.add_argument("--image", type=Path, help="write turntable frames of seed 0's results here (PNG)")
+    parser.add_argument("--image", type=Path, help="write turntable frames of seed 0's results here (PNG); "
+                        "with --combine, the joined reports' images one under another")  # fmt: skip
     parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                         help="join reports of other conditions (processes run at once) into one (runs nothing)")  # fmt: skip
     args = parser.parse_args(argv)
     command = "sds3d bench janus " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.combine:
-        write_janus_report(args.out, args.name, combine(args.combine) | {"combined_by": command.strip()})
+        report = combine(args.combine)
+        write_janus_report(args.out, args.name, report | {"combined_by": command.strip()})
+        if args.image is not None:
+            import imageio.v2 as imageio
+
+            found = [Path(p) for p in report["images"] if Path(p).is_file()]
+            if not found:
+                raise UserError(
+                    "--image: the joined reports name no image that exists (run them with --image)"
+                )
+            args.image.parent.mkdir(parents=True, exist_ok=True)
+            imageio.imwrite(args.image, stack_rows([imageio.imread(p)[..., :3] for p in found]))
         return 0
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     unknown = [c for c in conditions if c not in CONDITIONS]
@@ -232,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
         "device": args.device, "preset": args.preset, "steps": base.steps, "seeds": seeds,
         "front_share": args.front_share if isinstance(base.guidance, EmpiricalPriorGuidanceConfig) else None,
-        "prompts": prompts, "results": results,
+        "prompts": prompts, "results": results, "image": str(args.image) if args.image and strips else None,
     }  # fmt: skip
     write_janus_report(args.out, args.name, report)
     if args.image is not None and strips:
         import imageio.v2 as imageio
 
         args.image.parent.mkdir(parents=True, exist_ok=True)
-        imageio.imwrite(args.image, np.concatenate(strips, axis=0))
+        imageio.imwrite(args.image, stack_rows(strips))
     return 0
 
 

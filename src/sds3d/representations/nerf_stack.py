@@ -10,8 +10,9 @@ as `train.build_scene` builds them, so scene k starts where a run of its own wou
 
 What stacks (`stack_problem`): the RGB NeRF with a solid, random or learned background (the learned
 MLPs stacked as the field's are), analytic normals, uncompiled; anything else (other normals, a
-compiled field, a latent warm-up) trains one scene at a time (batch.py says so). The twin of this fast path is the plain `NeRFScene`:
-tests compare K stacked scenes with K scenes rendered and trained alone.
+compiled field, a latent warm-up) trains one scene at a time (batch.py says so). The twin of this
+fast path is the plain `NeRFScene`: tests compare K stacked scenes with K scenes rendered and
+trained alone.
 """
 
 from __future__ import annotations
@@ -180,14 +181,14 @@ class NeRFStack(nn.Module):
         first = scenes[0]
         self.template = copy.deepcopy(first)  # a plain scene to write scene k into
         self.field = StackedHashGridNeRF(first.nerf.config, len(scenes))
-        self.learned_background = first.background.config.kind == "learned"
+        learned = first.background.config.kind == "learned"
         # Solid or random: the scene's own (no parameters); learned: one MLP per scene, stacked.
         self.background: Background | StackedBackground = (
             StackedBackground(first.background.config, len(scenes))
-            if self.learned_background
+            if learned
             else copy.deepcopy(first.background)
         )
-        self.names = {**STACKED_NAMES, **(BACKGROUND_NAMES if self.learned_background else {})}
+        self.names = {**STACKED_NAMES, **(BACKGROUND_NAMES if learned else {})}
         self.renderer, self.weights = first.renderer, first.weights
         self._id_tensors: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
         with torch.no_grad():
@@ -226,11 +227,9 @@ class NeRFStack(nn.Module):
         return scene
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
-        """NeRFScene's groups: the tables at the grid's learning rate, the MLP at the MLP's."""
+        """NeRFScene's groups: the tables at the grid's learning rate, the MLPs at the MLP's."""
         f = self.field
-        rest = [f.w1, f.b1, f.w2, f.b2] + [
-            self.stacked_parameter(n) for n in BACKGROUND_NAMES if n in self.names
-        ]
+        rest = [f.w1, f.b1, f.w2, f.b2, *self.background.parameters()]  # a solid background has none
         return [{"params": [f.encoding.tables], "lr": optim.lr_grid}, {"params": rest, "lr": optim.lr_mlp}]
 
     def render_scenes(
