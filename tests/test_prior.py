@@ -14,7 +14,7 @@ from sds3d.errors import UserError
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.data import HELD_OUT, PriorDataConfig, render_dataset, sample_captions, training_objects
 from sds3d.prior.model import PriorModelConfig
-from sds3d.prior.train import PriorTrainConfig, train_prior
+from sds3d.prior.train import PriorTrainConfig, draw_timesteps, train_prior
 
 
 def _toy(steps: int) -> PriorTrainConfig:
@@ -99,6 +99,28 @@ def test_min_snr_weighting_is_the_plain_loss_at_a_huge_gamma_and_lighter_at_a_sm
     assert huge["log"][-1]["loss"] == pytest.approx(plain, rel=1e-5)
     assert small["log"][-1]["loss"] < 0.9 * plain
     assert small["runs"][-1]["snr_gamma"] == 1.0
+
+
+def test_fronted_high_t_draws_the_fronted_samples_from_the_noisy_end():
+    fronted = torch.arange(4000) % 4 == 0
+    g = lambda: torch.Generator().manual_seed(0)
+    plain = draw_timesteps(PriorTrainConfig(), fronted, 1000, g())
+    assert plain.min() < 50 and plain.max() > 950  # the whole schedule
+    always = draw_timesteps(PriorTrainConfig(fronted_high_t_share=1.0, high_t_from=700), fronted, 1000, g())
+    assert always[fronted].min() >= 700 and always[~fronted].min() < 50
+    assert torch.equal(always[~fronted], plain[~fronted])  # the other samples keep their draws
+    half = draw_timesteps(PriorTrainConfig(fronted_high_t_share=0.5, high_t_from=700), fronted, 1000, g())
+    # Half of them from [700, 1000), the other half from [0, 1000) of which 30% ≥ 700: 65% in all.
+    assert float((half[fronted] >= 700).float().mean()) == pytest.approx(0.65, abs=0.05)
+
+
+def test_training_draws_its_timesteps_by_the_fronted_share(tmp_path):
+    """Wiring: the same run with every fronted sample at t = 999 trains on other losses."""
+    plain = train_prior(_toy(2), tmp_path / "plain", progress=False)["log"][-1]["loss"]
+    config = dataclasses.replace(_toy(2), fronted_high_t_share=1.0, high_t_from=999)
+    high = train_prior(config, tmp_path / "high", progress=False)
+    assert high["log"][-1]["loss"] != pytest.approx(plain, rel=1e-3)
+    assert high["runs"][-1]["fronted_high_t_share"] == 1.0
 
 
 def test_train_resume_and_load_the_pipeline(tmp_path):
@@ -228,3 +250,47 @@ def test_shipped_prior_samples_without_clipping_x0():
         return ((samples - 0.5) * x0).sum((1, 2, 3)) > 0
 
     assert picks(clipped).ne(picks(unclipped)).any()
+
+
+class _CameraTwoPointDenoiser(_TwoPointDenoiser):
+    """The two-image denoiser with a camera that tilts the odds: log p(x0*)/p(−x0*) = k·cos(azimuth)
+    with a camera, 0 without one (its posterior mean is exact either way)."""
+
+    k = 0.3
+
+    def predict_noise(self, x, t, embeddings, cameras):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        logit = 2 * a.sqrt() * (x * self.x0).flatten(1).sum(1).view(-1, 1, 1, 1) / (1 - a)
+        if cameras is not None:
+            logit = logit + self.k * torch.cos(torch.deg2rad(cameras.azimuth_deg)).view(-1, 1, 1, 1)
+        mean = torch.tanh(logit / 2) * self.x0
+        return (x - a.sqrt() * mean) / (1 - a).sqrt()
+
+
+def test_camera_guidance_amplifies_what_the_camera_says():
+    """With odds e^{k cos az} the front camera draws x0* in σ(k) ≈ 57% of samples; camera guidance
+    s_c sharpens the camera's term to about (1 + s_c)k: σ(1.8) ≈ 86% at s_c = 5, and from the back
+    camera the other way round. Without a camera, s_c does nothing."""
+    from diffusers import DDPMScheduler
+
+    from sds3d.cameras import orbit_cameras
+    from sds3d.prior.model import SHIPPED_PRIOR
+    from sds3d.prior.sample import sample_images
+
+    config = DDPMScheduler.from_pretrained(SHIPPED_PRIOR, subfolder="scheduler").config
+    x0 = torch.linspace(0.1, 0.9, 3 * 4 * 4).view(1, 3, 4, 4)
+    fake = _CameraTwoPointDenoiser(config, x0, bias=0.0)
+    n = 400
+    prompts = ["a red cube"] * n
+
+    def share(azimuth: float | None, s_c: float) -> float:
+        cams = None if azimuth is None else orbit_cameras(
+            torch.full((n,), 15.0), torch.full((n,), azimuth), torch.full((n,), 2.5), torch.full((n,), 40.0), 4, 4
+        )  # fmt: skip
+        samples = sample_images(fake, prompts, 1.0, 20, cameras=cams, eta=1.0, camera_guidance_scale=s_c)  # type: ignore[arg-type]
+        return float((((samples - 0.5) * x0).sum((1, 2, 3)) > 0).float().mean())
+
+    assert share(0.0, 0.0) == pytest.approx(0.574, abs=0.06)
+    assert share(0.0, 5.0) == pytest.approx(0.858, abs=0.06)
+    assert share(180.0, 5.0) == pytest.approx(1 - 0.858, abs=0.06)
+    assert share(None, 5.0) == share(None, 0.0)

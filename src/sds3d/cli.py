@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
     pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
     pt.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (default: the plain ε loss)")
+    pt.add_argument("--fronted-high-t", type=float, metavar="SHARE",
+                    help="share of the fronted objects' samples with t from the noisy end (t ≥ 600; default 0)")
     pt.add_argument(
         "--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)"
     )
@@ -337,6 +339,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
         if args.snr_gamma <= 0:
             raise UserError(f"--snr-gamma must be positive, not {args.snr_gamma}")
         config.snr_gamma = args.snr_gamma
+    if args.fronted_high_t is not None:
+        if not 0.0 <= args.fronted_high_t <= 1.0:
+            raise UserError(f"--fronted-high-t must be in [0, 1], not {args.fronted_high_t}")
+        config.fronted_high_t_share = args.fronted_high_t
     if args.init is not None and not (args.init / "unet").is_dir():
         raise UserError(f"--init {args.init} is not a diffusers folder of the prior (no unet/)")
     if (args.out / "checkpoint.pt").exists() and not args.resume:

@@ -118,9 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threshold", type=float, default=0.0, help="dynamic thresholding ratio (0: off)")
     parser.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ (0: off)")
+    parser.add_argument("--camera-guidance", default="0", metavar="S,S",
+                        help="with --camera: the fronts check at each of these camera guidance scales s_c")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="prior_accuracy", help="report name (samples: <name>_samples.png)")
     args = parser.parse_args(argv)
+    try:
+        camera_scales = [float(v) for v in args.camera_guidance.split(",")]
+    except ValueError:
+        parser.error(f"--camera-guidance takes comma-separated numbers, not {args.camera_guidance!r}")
     t0 = time.perf_counter()
     classifier, judge = train_classifier(ClassifierConfig(), args.device)
     guidance = DiffusersGuidanceConfig(model=args.model).build(CameraConfig()).to(args.device)
@@ -130,16 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = score(classifier, images.to(args.device), objects)
     sampler = {"eta": args.eta, "threshold_ratio": args.threshold, "guidance_rescale": args.rescale}
     fronts: list[dict] = []
-    if args.camera:
-        fronts, front_images = front_rows(guidance, 2 * args.samples, args.guidance_scale, args.steps,
-                                          args.view_prompts, args.device, **sampler)  # fmt: skip
+    front_images = []
+    for s_c in camera_scales if args.camera else []:
+        rows_c, images_c = front_rows(guidance, 2 * args.samples, args.guidance_scale, args.steps,
+                                      args.view_prompts, args.device, camera_guidance_scale=s_c, **sampler)  # fmt: skip
+        fronts += [{**r, "camera_guidance_scale": s_c} for r in rows_c]
+        front_images.append(images_c)
     args.out.mkdir(parents=True, exist_ok=True)
     samples = args.out / (
         "prior_samples.png" if args.name == "prior_accuracy" else f"{args.name}_samples.png"
     )
     imageio.imwrite(samples, image_grid(images, 4 * args.samples))
     if fronts:
-        imageio.imwrite(args.out / f"{args.name}_fronts.png", image_grid(front_images, 2 * args.samples))
+        imageio.imwrite(args.out / f"{args.name}_fronts.png", image_grid(torch.cat(front_images), 2 * args.samples))
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "eta": args.eta, "camera": args.camera,
@@ -175,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{', with the view suffix' if args.view_prompts else ''}. Shows the front: ≥ {IMAGE_FRONT_SHARE:.0%} "
             "of the object's pixels nearer the front's colour than the body's. A prior that knows where the "
             "front is shows it from the front and not from the back; both cameras start from the same noise, so "
-            f"only the camera differs. Samples: `{args.name}_fronts.png` "
-            "(front-camera rows first, one prompt per row).",
+            f"only the camera differs. Camera guidance s_c: ε̂ += s_c (ε_(y,camera) − ε_(y,no camera)) "
+            f"(prior/sample.py). Samples: `{args.name}_fronts.png` "
+            "(per s_c, front-camera rows first, one prompt per row).",
             "",
-            "| camera | samples | samples show the front | ground truth shows the front |",
-            "|---|---:|---:|---:|",
+            "| camera guidance s_c | camera | samples | samples show the front | ground truth shows the front |",
+            "|---:|---|---:|---:|---:|",
             *[
-                f"| {r['camera']} ({r['azimuth_deg']:g}°) | {r['samples']} | {r['shows_front']:.0%} | "
+                f"| {r['camera_guidance_scale']:g} | {r['camera']} ({r['azimuth_deg']:g}°) | {r['samples']} | {r['shows_front']:.0%} | "
                 f"{r['ground_truth_shows_front']:.0%} |"
                 for r in fronts
             ],

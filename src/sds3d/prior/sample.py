@@ -5,6 +5,10 @@ with η = 0, ancestral (DDPM-like fresh noise at every step) with η = 1 (Song e
 Options for large guidance scales, all diffusers' own: dynamic thresholding of the predicted x_0
 (Imagen; DeepFloyd IF's scheduler uses ratio 0.95, max 1.5), CFG rescale (Lin et al. 2024, φ), and
 the timestep spacing of the DDIM steps ("leading" starts at t = 957 for 30 steps, "trailing" at 999).
+
+Camera guidance (a camera-conditioned prior; the image-and-text CFG of InstructPix2Pix with the
+camera as the second condition): ε̂ += s_c (ε_{y,c} − ε_{y,∅c}), the conditional prediction with the
+camera minus the same without it, which amplifies what the camera changes.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ def sample_images(
     guidance: DiffusersGuidance, prompts: list[str], guidance_scale: float = 3.0, steps: int = 30, seed: int = 0,
     cameras=None, eta: float = 0.0, threshold_ratio: float = 0.0, threshold_max: float = 1.5,
     guidance_rescale: float = 0.0, spacing: str | None = None, clip_sample: bool | None = None,
+    camera_guidance_scale: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """[N, 3, R, R] in [0, 1], one image per prompt. `threshold_ratio` > 0 turns on dynamic
     thresholding with that percentile and `threshold_max`; `guidance_rescale` is φ of CFG rescale;
-    `spacing` and `clip_sample` override the scheduler config's."""
+    `spacing` and `clip_sample` override the scheduler config's; `camera_guidance_scale` is s_c
+    (module docstring; needs `cameras`)."""
     from diffusers import DDIMScheduler
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -53,6 +59,8 @@ def sample_images(
         eps = guidance.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), uncond + cond, both_cams)
         e_u, e_c = eps.chunk(2)
         e = e_u + guidance_scale * (e_c - e_u)
+        if camera_guidance_scale and cameras is not None:
+            e = e + camera_guidance_scale * (e_c - guidance.predict_noise(x, tt, cond, None))
         if guidance_rescale > 0:
             e = rescale_noise_cfg(e, e_c, guidance_rescale)
         x = scheduler.step(e, t, x, eta=eta, generator=g).prev_sample

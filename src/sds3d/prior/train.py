@@ -46,6 +46,12 @@ class PriorTrainConfig:
     # conditioning (the camera) says where an object's front is, against the clean half where the
     # image shows it. None: the plain ε loss.
     snr_gamma: float | None = None
+    # World v2's fronts: a share of the fronted objects' samples with t drawn from the noisy end
+    # [high_t_from, T) instead of all of [0, T): there the noisy image no longer shows which side
+    # is the front and only the camera does, so these samples are the ones that teach the azimuth
+    # (below t ≈ 600 the ε loss is the same with the right and the flipped camera; README, issue 15).
+    fronted_high_t_share: float = 0.0
+    high_t_from: int = 600
     checkpoint_every: int = 1000
     seed: int = 0
     data: PriorDataConfig = field(default_factory=PriorDataConfig)
@@ -97,6 +103,10 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     images = dataset.images.to(device)
     data_seconds = time.perf_counter() - t0
     abar = alphas_cumprod_from_config(DDPM_SCHEDULER_CONFIG).to(device)
+    if not 0.0 <= config.fronted_high_t_share <= 1.0 or not 0 <= config.high_t_from < abar.shape[0]:
+        raise ValueError(f"fronted_high_t_share must be in [0, 1] and high_t_from in [0, {abar.shape[0]}), "
+                         f"not {config.fronted_high_t_share} and {config.high_t_from}")  # fmt: skip
+    fronted = torch.tensor([o.front is not None for o in dataset.objects])
     token_cache: dict[str, torch.Tensor] = {}
     amp = device.startswith("cuda")
 
@@ -125,7 +135,8 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     def this_run() -> dict:
         return {"from_step": first_step, "to_step": step, "seconds": round(time.perf_counter() - start_time, 1),
                 "device": device, "compile": compile, "batch_size": config.batch_size, "lr": config.lr,
-                "offset_noise": config.offset_noise, "snr_gamma": config.snr_gamma}  # fmt: skip
+                "offset_noise": config.offset_noise, "snr_gamma": config.snr_gamma,
+                "fronted_high_t_share": config.fronted_high_t_share, "high_t_from": config.high_t_from}  # fmt: skip
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="it")
     running, counted = torch.zeros((), device=device), 0
@@ -136,7 +147,7 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
         captions = sample_captions(dataset, index, config.data, g)
         present = torch.rand(config.batch_size, generator=g) >= config.camera_dropout
         cams = camera_condition(dataset.elevation_deg[index], dataset.azimuth_deg[index], present).to(device)
-        t = torch.randint(0, abar.shape[0], (config.batch_size,), generator=g).to(device)
+        t = draw_timesteps(config, fronted[index], abar.shape[0], g).to(device)
         noise = torch.randn(config.batch_size, *images.shape[1:], generator=g)
         if config.offset_noise > 0:
             noise += config.offset_noise * torch.randn(config.batch_size, images.shape[1], 1, 1, generator=g)
@@ -181,6 +192,16 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
                "runs": [*runs, this_run()], "config": asdict(config), "log": log}  # fmt: skip
     (out / "train_log.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def draw_timesteps(config: PriorTrainConfig, fronted: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+    """t ~ U{0…T−1} for each sample [B], except that a share `fronted_high_t_share` of the fronted
+    objects' samples (`fronted` [B] bool) draw from U{high_t_from…T−1}."""
+    t = torch.randint(0, steps, fronted.shape, generator=g)
+    if config.fronted_high_t_share > 0:
+        high = fronted & (torch.rand(fronted.shape, generator=g) < config.fronted_high_t_share)
+        t = torch.where(high, torch.randint(config.high_t_from, steps, fronted.shape, generator=g), t)
+    return t
 
 
 def load_weights(folder: Path, text_encoder, unet, tokenizer=None) -> None:
