@@ -110,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--init", type=Path, help="start from the weights of this diffusers folder (fine-tune)")
     pt.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-4)")
     pt.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (default: the plain ε loss)")
-    pt.add_argument("--fronted-high-t", type=float, metavar="SHARE",
-                    help="share of the fronted objects' samples with t from the noisy end (t ≥ 600; default 0)")
+    pt.add_argument(
+        "--fronted-high-t",
+        type=float,
+        metavar="SHARE",
+        help="share of the fronted objects' samples with t from the noisy end (t ≥ 600; default 0)",
+    )
     pt.add_argument(
         "--snapshots", default="", help="comma-separated steps: also keep the prior there (pipeline-stepN)"
     )

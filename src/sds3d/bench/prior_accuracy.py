@@ -118,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threshold", type=float, default=0.0, help="dynamic thresholding ratio (0: off)")
     parser.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ (0: off)")
-    parser.add_argument("--camera-guidance", default="0", metavar="S,S",
-                        help="with --camera: the fronts check at each of these camera guidance scales s_c")
+    parser.add_argument(
+        "--camera-guidance",
+        default="0",
+        metavar="S,S",
+        help="with --camera: the fronts check at each of these camera guidance scales s_c",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="prior_accuracy", help="report name (samples: <name>_samples.png)")
     args = parser.parse_args(argv)
@@ -148,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     imageio.imwrite(samples, image_grid(images, 4 * args.samples))
     if fronts:
-        imageio.imwrite(args.out / f"{args.name}_fronts.png", image_grid(torch.cat(front_images), 2 * args.samples))
+        imageio.imwrite(
+            args.out / f"{args.name}_fronts.png", image_grid(torch.cat(front_images), 2 * args.samples)
+        )
     command = "python -m sds3d.bench.prior_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "model": args.model, "guidance_scale": args.guidance_scale, "ddim_steps": args.steps, "eta": args.eta, "camera": args.camera,

@@ -194,7 +194,9 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     return summary
 
 
-def draw_timesteps(config: PriorTrainConfig, fronted: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+def draw_timesteps(
+    config: PriorTrainConfig, fronted: torch.Tensor, steps: int, g: torch.Generator
+) -> torch.Tensor:
     """t ~ U{0…T−1} for each sample [B], except that a share `fronted_high_t_share` of the fronted
     objects' samples (`fronted` [B] bool) draw from U{high_t_from…T−1}."""
     t = torch.randint(0, steps, fronted.shape, generator=g)
