@@ -118,15 +118,33 @@ def test_front_biased_image_sets():
 
 
 def test_bench_conditions_set_what_they_name():
-    from sds3d.bench.janus import CONDITIONS, base_config
+    from sds3d.bench.janus import CAMERA_GUIDANCE, CONDITIONS, base_config
 
     base = base_config(0.5, "cpu", 7)
     assert base.steps == 7 and base.guidance.views.front_view_share == 0.5
-    got = {name: (c(base).guidance.camera_kernel_deg is not None, c(base).prompts.view_dependent, c(base).rule.kind)
-           for name, c in CONDITIONS.items()}  # fmt: skip
-    assert got == {"neither": (False, False, "sds"), "view-prompts": (False, True, "sds"),
-                   "camera": (True, False, "sds"), "both": (True, True, "sds"),
-                   "perp-neg": (False, True, "perp-neg")}  # fmt: skip
+    got = {name: (c(base).guidance.camera_kernel_deg is not None, c(base).prompts.view_dependent, c(base).rule.kind,
+                  c(base).rule.camera_guidance_scale) for name, c in CONDITIONS.items()}  # fmt: skip
+    assert got == {"neither": (False, False, "sds", 0.0), "view-prompts": (False, True, "sds", 0.0),
+                   "camera": (True, False, "sds", 0.0), "both": (True, True, "sds", 0.0),
+                   "perp-neg": (False, True, "perp-neg", 0.0),
+                   "camera-guidance": (True, False, "sds", CAMERA_GUIDANCE)}  # fmt: skip
+
+
+def test_bench_janus_camera_guidance_flag_sets_the_conditions_scale(tmp_path, monkeypatch):
+    from sds3d.bench import janus
+
+    seen = {}
+
+    def fake_run(config, prompts, seeds, work, strips=None, label=""):
+        seen[label] = config.rule.camera_guidance_scale
+        return [{"prompt": prompts[0], "seed": 0, "seconds": 1.0, "fronts": 1, "everywhere": False,
+                 "janus": False, "front_ok": True, "front_sectors": 1, "sector_share": [0.0] * 8}]  # fmt: skip
+
+    monkeypatch.setattr(janus, "run_condition", fake_run)
+    argv = ["--conditions", "camera,camera-guidance", "--camera-guidance", "2.5", "--out", str(tmp_path)]
+    assert janus.main(argv) == 0
+    assert seen == {"camera": 0.0, "camera-guidance": 2.5}
+    assert "| camera-guidance (s_c = 2.5) |" in (tmp_path / "janus.md").read_text()
 
 
 def test_bench_conditions_switch_a_learned_priors_camera_input():

@@ -509,3 +509,68 @@ def test_a_vsd_run_resumes_exactly_with_its_particle_network(tmp_path):
     assert all(torch.equal(a["rules"][k], b["rules"][k]) for k in a["rules"])
     assert all(torch.equal(a["scene"][k], b["scene"][k]) for k in a["scene"])
     assert float(a["rules"]["0.particle.conv_out.weight"].abs().sum()) > 0
+
+
+class CameraLinearPrior(LinearPrior):
+    """LinearPrior plus d·cos(azimuth) when it is given cameras (a camera-conditioned prior)."""
+
+    d = 0.7
+
+    def predict_noise(self, x_t, t, embeddings, cameras):
+        eps = super().predict_noise(x_t, t, embeddings, cameras)
+        if cameras is None:
+            return eps
+        return eps + self.d * _expand(torch.cos(torch.deg2rad(cameras.azimuth_deg)))
+
+
+class _ZeroParticle(torch.nn.Module):
+    def forward(self, x_t, t_frac, camera):
+        return torch.zeros_like(x_t)
+
+
+@pytest.mark.parametrize("name", ["sds", "literal", "sjc", "ism", "sdi", "vsd", "esd"])
+def test_camera_guidance_adds_its_scale_times_what_the_camera_changes(name):
+    """ε̂ += s_c(ε_{y,c} − ε_{y,∅c}): against the same step without it (same t and noise), the
+    gradient moves by w(t)·s_c·d·cos(az)/B, az 0°, 60°, 180° (the camera's term is d·cos az)."""
+    from sds3d.cameras import orbit_cameras
+    from sds3d.rules import with_rule
+
+    prior, b, s_c = CameraLinearPrior(["y", ""]), 3, 2.5
+    azimuth = torch.tensor([0.0, 60.0, 180.0])
+    cams = orbit_cameras(torch.full((b,), 15.0), azimuth, torch.full((b,), 2.5), torch.full((b,), 40.0), 4, 4)
+    config = with_rule(SDSRuleConfig(guidance_scale=3.0), name)
+    if name == "literal":
+        config.kind = "literal"
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond, uncond = [prior.emb["y"]] * b, [prior.emb[""]] * b
+
+    def built(config):
+        rule = config.build()
+        if name in ("vsd", "esd"):  # the particle score h: zero (its own tests are above)
+            rule.particle = _ZeroParticle()
+        return rule
+
+    plain, out = _rule_grad(built(config), prior, x, cond, uncond, cameras=cams)
+    guided, out_c = _rule_grad(
+        built(dataclasses.replace(config, camera_guidance_scale=s_c)), prior, x, cond, uncond, cameras=cams
+    )
+    assert torch.equal(out.timesteps, out_c.timesteps)
+    abar = prior.alphas_cumprod[out.timesteps]
+    w = _expand(diffusion.sds_weight(abar, config.weighting)).reshape(-1, 1, 1, 1)
+    if name == "literal":  # through the denoiser: ∂ε̂/∂x = a·√ᾱ, and 2w(ε̂ − ε) for the square
+        w = 2 * w * prior.a * _expand(abar.sqrt())
+    expected = w * s_c * prior.d * _expand(torch.cos(torch.deg2rad(azimuth))) / b
+    torch.testing.assert_close(guided - plain, expected.expand_as(plain), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["csd", "nfsd", "perp-neg"])
+def test_rules_without_camera_guidance_refuse_it(name):
+    from sds3d.rules import with_rule
+
+    config = with_rule(SDSRuleConfig(camera_guidance_scale=2.0), name)
+    if name == "csd":
+        config.kind = "csd"
+    with pytest.raises(ValueError, match="camera guidance"):
+        config.build()
+    with pytest.raises(ValueError, match="≥ 0"):
+        with_rule(SDSRuleConfig(camera_guidance_scale=-1.0), "sds").build()

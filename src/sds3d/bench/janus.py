@@ -22,7 +22,9 @@ Conditions (what the step knows about the camera):
 - camera: camera conditioning (each render weighted by a kernel on the angle to the rendering
   camera, as MVDream's camera embedding), no view prompts;
 - both: the two together (the `empirical` preset as shipped);
-- perp-neg: view prompts with the Perp-Neg rule (the other views as negative prompts).
+- perp-neg: view prompts with the Perp-Neg rule (the other views as negative prompts);
+- camera-guidance: camera conditioning with camera guidance, ε̂ += s_c(ε_{y,c} − ε_{y,no camera})
+  (`--camera-guidance`, default CAMERA_GUIDANCE): what the camera changes, amplified.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ from sds3d.rules import with_rule
 from sds3d.world.shapes import fronted_objects, parse_prompt
 
 CAMERA_KERNEL_DEG = 10.0  # the empirical preset's
+CAMERA_GUIDANCE = 5.0  # s_c of the camera-guidance condition
 
 
-def _condition(camera: bool, view_prompts: bool, rule: str = "sds") -> Callable[[RunConfig], RunConfig]:
+def _condition(
+    camera: bool, view_prompts: bool, rule: str = "sds", camera_guidance: float = 0.0
+) -> Callable[[RunConfig], RunConfig]:
     def apply(config: RunConfig) -> RunConfig:
         g = config.guidance
         guidance: EmpiricalPriorGuidanceConfig | DiffusersGuidanceConfig
@@ -61,9 +66,8 @@ def _condition(camera: bool, view_prompts: bool, rule: str = "sds") -> Callable[
                 f"the {g.kind} prior has no camera conditioning to switch (use the empirical or a diffusers prior)"
             )
         prompts = dataclasses.replace(config.prompts, view_dependent=view_prompts)
-        return dataclasses.replace(
-            config, guidance=guidance, prompts=prompts, rule=with_rule(config.rule, rule)
-        )
+        rule_config = dataclasses.replace(with_rule(config.rule, rule), camera_guidance_scale=camera_guidance)
+        return dataclasses.replace(config, guidance=guidance, prompts=prompts, rule=rule_config)
 
     return apply
 
@@ -74,6 +78,7 @@ CONDITIONS: dict[str, Callable[[RunConfig], RunConfig]] = {
     "camera": _condition(camera=True, view_prompts=False),
     "both": _condition(camera=True, view_prompts=True),
     "perp-neg": _condition(camera=False, view_prompts=True, rule="perp-neg"),
+    "camera-guidance": _condition(camera=True, view_prompts=False, camera_guidance=CAMERA_GUIDANCE),
 }
 
 
@@ -161,8 +166,10 @@ def combine(paths: list[Path]) -> dict:
             )
         results |= data["results"]
     images = [d["image"] for d in reports if d.get("image")]
+    guided = [d.get("camera_guidance_scale") for d in reports if "camera-guidance" in d["results"]]
     return {
         **first,
+        "camera_guidance_scale": guided[0] if guided else first.get("camera_guidance_scale"),
         "command": "; ".join(d["command"] for d in reports),
         "results": results,
         "images": images,
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="empirical",
                         help="the preset every run starts from (default: empirical; a learned prior must know fronts)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="override the preset's steps")
+    parser.add_argument("--camera-guidance", type=float, default=CAMERA_GUIDANCE, metavar="S_C",
+                        help=f"s_c of the camera-guidance condition (default {CAMERA_GUIDANCE:g})")  # fmt: skip
     parser.add_argument("--prompts", help="comma-separated fronted world prompts (default: all)")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -235,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
+    if args.camera_guidance < 0:
+        raise UserError(f"--camera-guidance must be ≥ 0, not {args.camera_guidance}")
     prompts = [o.prompt for o in fronted_objects()]
     if args.prompts:
         prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
@@ -250,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for name in conditions:
-            rows = run_condition(CONDITIONS[name](base), prompts, seeds, work / name,
+            config = CONDITIONS[name](base)
+            if name == "camera-guidance":
+                config.rule = dataclasses.replace(config.rule, camera_guidance_scale=args.camera_guidance)
+            rows = run_condition(config, prompts, seeds, work / name,
                                  strips if args.image is not None else None, name)  # fmt: skip
             results[name] = rows
             print(f"{name}: {summarise(rows)}", flush=True)
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
         "device": args.device, "preset": args.preset, "steps": base.steps, "seeds": seeds,
         "front_share": args.front_share if isinstance(base.guidance, EmpiricalPriorGuidanceConfig) else None,
-        "prompts": prompts, "results": results, "image": str(args.image) if args.image and strips else None,
+        "prompts": prompts, "camera_guidance_scale": args.camera_guidance, "results": results, "image": str(args.image) if args.image and strips else None,
     }  # fmt: skip
     write_janus_report(args.out, args.name, report)
     if args.image is not None and strips:
@@ -267,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         args.image.parent.mkdir(parents=True, exist_ok=True)
         imageio.imwrite(args.image, stack_rows(strips))
     return 0
+
+
+def _label(condition: str, report: dict) -> str:
+    s_c = report.get("camera_guidance_scale")
+    return f"{condition} (s_c = {s_c:g})" if condition == "camera-guidance" and s_c is not None else condition
 
 
 def write_janus_report(out: Path, name: str, report: dict) -> None:
@@ -291,7 +310,7 @@ def write_janus_report(out: Path, name: str, report: dict) -> None:
         "",
         "| condition | runs | Janus rate | front accuracy | no front | failed | s / run |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {c} | {s['runs']} | {s['janus_rate']:.0%} | {s['front_accuracy']:.0%} | {s['no_front_rate']:.0%} "
+        *[f"| {_label(c, report)} | {s['runs']} | {s['janus_rate']:.0%} | {s['front_accuracy']:.0%} | {s['no_front_rate']:.0%} "
           f"| {s['failed']} | {s['seconds_per_run']} |" for c, s in summary.items()],
     ]  # fmt: skip
     for condition, rows in results.items():

@@ -111,18 +111,25 @@ def predict_guided(
     cameras: Cameras | None,
     scale: float,
     always_both: bool = False,
+    camera_scale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(ε̂ = ε_∅ + s(ε_y − ε_∅), ε_∅, ε_y) from one prior call on a batch of 2B; with s = 1 (and not
-    `always_both`) only the conditional half is computed and ε_∅ is None."""
+    `always_both`) only the conditional half is computed and ε_∅ is None. Camera guidance
+    (`camera_scale` s_c > 0, with cameras) adds s_c(ε_y − ε_{y,no camera}), one more prior call
+    without the cameras: it amplifies what the camera changes in the prediction (prior/sample.py)."""
     if scale == 1.0 and not always_both:
-        eps = prior.predict_noise(x_t, t, list(cond), cameras)
-        return eps, None, eps
-    both_cams = None if cameras is None else concat_cameras(cameras, cameras)
-    eps_both = prior.predict_noise(
-        torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
-    )
-    eps_uncond, eps_cond = eps_both.chunk(2)
-    return diffusion.classifier_free_guidance(eps_uncond, eps_cond, scale), eps_uncond, eps_cond
+        eps = eps_cond = prior.predict_noise(x_t, t, list(cond), cameras)
+        eps_uncond = None
+    else:
+        both_cams = None if cameras is None else concat_cameras(cameras, cameras)
+        eps_both = prior.predict_noise(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), list(uncond) + list(cond), both_cams
+        )
+        eps_uncond, eps_cond = eps_both.chunk(2)
+        eps = diffusion.classifier_free_guidance(eps_uncond, eps_cond, scale)
+    if camera_scale and cameras is not None:
+        eps = eps + camera_scale * (eps_cond - prior.predict_noise(x_t, t, list(cond), None))
+    return eps, eps_uncond, eps_cond
 
 
 def finish(

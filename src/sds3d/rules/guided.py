@@ -40,7 +40,7 @@ from sds3d.cameras import Cameras, concat_cameras, view_labels
 from sds3d.errors import UserError
 from sds3d.guidance.base import Prior
 from sds3d.rules.base import Rule, RuleOutput, draw_timesteps, finish, gaussian_like, to_model_space
-from sds3d.rules.sds import SDSRuleConfig
+from sds3d.rules.sds import SDSRuleConfig, check_camera_guidance
 
 if TYPE_CHECKING:
     from sds3d.prompts import PromptProcessor
@@ -58,6 +58,7 @@ class NFSDRuleConfig(SDSRuleConfig):
     kind: Literal["nfsd"] = "nfsd"  # type: ignore[assignment]
 
     def build(self) -> Rule:
+        check_camera_guidance(self, supported=False)
         return NFSDRule(self)
 
 
@@ -117,6 +118,7 @@ class PerpNegRuleConfig(SDSRuleConfig):
     kind: Literal["perp-neg"] = "perp-neg"  # type: ignore[assignment]
 
     def build(self) -> Rule:
+        check_camera_guidance(self, supported=False)
         return PerpNegRule(self)
 
 

@@ -49,7 +49,7 @@ from sds3d.rules.base import (
     predict_guided,
     to_model_space,
 )
-from sds3d.rules.sds import SDSRuleConfig
+from sds3d.rules.sds import SDSRuleConfig, check_camera_guidance
 
 
 def ddim_invert(
@@ -85,6 +85,7 @@ class ISMRuleConfig(SDSRuleConfig):
     def build(self) -> Rule:
         if self.inversion_steps < 1 or not 0 <= self.interval < 1:
             raise ValueError("rule.inversion_steps must be ≥ 1 and rule.interval in [0, 1)")
+        check_camera_guidance(self)
         return ISMRule(self)
 
 
@@ -111,7 +112,9 @@ class ISMRule(Rule):
             x_s = ddim_invert(prior, x.detach(), s, c.inversion_steps, cond, uncond, cameras, 0.0)
             eps_s = prior.predict_noise(x_s, s, list(uncond), cameras)
             x_t = diffusion.ddim_step(x_s, eps_s, abar[s], abar[t])
-            eps = predict_guided(prior, x_t, t, cond, uncond, cameras, c.guidance_scale)[0]
+            eps = predict_guided(
+                prior, x_t, t, cond, uncond, cameras, c.guidance_scale, camera_scale=c.camera_guidance_scale
+            )[0]
         weight = diffusion.sds_weight(abar[t], c.weighting)
         loss, grad_norm = finish(c, x, diffusion.sds_gradient(eps, eps_s, weight), step_ratio)
         return RuleOutput(losses={"ism": loss}, grad_norm=grad_norm, timesteps=t, noise=eps_s)
@@ -127,6 +130,7 @@ class SDIRuleConfig(SDSRuleConfig):
     def build(self) -> Rule:
         if self.inversion_steps < 1 or not 0 <= self.inversion_eta <= 1:
             raise ValueError("rule.inversion_steps must be ≥ 1 and rule.inversion_eta in [0, 1]")
+        check_camera_guidance(self)
         return SDIRule(self)
 
 
@@ -156,7 +160,9 @@ class SDIRule(Rule):
             if c.inversion_eta > 0:
                 kappa = math.sqrt(1 - c.inversion_eta**2) * kappa + c.inversion_eta * gaussian_like(x, g)
             x_t = alpha * x.detach() + sigma * kappa
-            eps = predict_guided(prior, x_t, t, cond, uncond, cameras, c.guidance_scale)[0]
+            eps = predict_guided(
+                prior, x_t, t, cond, uncond, cameras, c.guidance_scale, camera_scale=c.camera_guidance_scale
+            )[0]
         weight = diffusion.sds_weight(prior.alphas_cumprod[t], c.weighting)
         loss, grad_norm = finish(c, x, diffusion.sds_gradient(eps, kappa, weight), step_ratio)
         return RuleOutput(losses={"sdi": loss}, grad_norm=grad_norm, timesteps=t, noise=kappa)

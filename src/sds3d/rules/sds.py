@@ -47,9 +47,22 @@ class SDSRuleConfig:
     t_drop_at: float = 0.5  # step ratio of the `step` schedule's drop
     grad_clip: Scheduled | None = None  # Debiased SDS: clamp g to ±c(step_ratio)
     kind: Literal["sds", "literal", "csd"] = "sds"  # literal: through the denoiser; csd: classifier term only
+    # Camera guidance s_c (a camera-conditioned prior): ε̂ += s_c(ε_y − ε_{y,no camera}), which
+    # amplifies what the camera says about the view (where an object's front is). 0: off.
+    camera_guidance_scale: float = 0.0
 
     def build(self) -> Rule:
+        check_camera_guidance(self, supported=self.kind != "csd")
         return SDSRule(self)
+
+
+def check_camera_guidance(config: SDSRuleConfig, supported: bool = True) -> None:
+    if config.camera_guidance_scale < 0:
+        raise ValueError(f"rule.camera_guidance_scale must be ≥ 0, not {config.camera_guidance_scale}")
+    if config.camera_guidance_scale and not supported:
+        raise ValueError(
+            f"the {config.kind} rule has no camera guidance; leave rule.camera_guidance_scale at 0"
+        )
 
 
 @dataclass
@@ -61,6 +74,7 @@ class SJCRuleConfig(SDSRuleConfig):
     def build(self) -> Rule:
         if self.paas_samples < 1:
             raise ValueError(f"rule.paas_samples must be at least 1, not {self.paas_samples}")
+        check_camera_guidance(self)
         return SDSRule(self)
 
 
@@ -93,7 +107,15 @@ class SDSRule(Rule):
             with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
                 x_t = diffusion.add_noise(x if literal else x.detach(), noise, t, prior.alphas_cumprod)
                 eps, eps_uncond, eps_cond = predict_guided(
-                    prior, x_t, t, cond, uncond, cameras, c.guidance_scale, always_both=c.kind == "csd"
+                    prior,
+                    x_t,
+                    t,
+                    cond,
+                    uncond,
+                    cameras,
+                    c.guidance_scale,
+                    always_both=c.kind == "csd",
+                    camera_scale=c.camera_guidance_scale,
                 )
             # 3. w(t)(ε̂ − ε) (CSD: w(t)·s(ε_y − ε_∅)).
             if c.kind == "csd":

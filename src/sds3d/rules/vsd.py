@@ -46,7 +46,7 @@ from sds3d.rules.base import (
     predict_guided,
     to_model_space,
 )
-from sds3d.rules.sds import SDSRuleConfig
+from sds3d.rules.sds import SDSRuleConfig, check_camera_guidance
 
 if TYPE_CHECKING:
     from sds3d.prompts import PromptProcessor
@@ -67,6 +67,7 @@ class VSDRuleConfig(SDSRuleConfig):
     def build(self) -> Rule:
         if not 0 <= self.camera_free_weight <= 1 or not 0 <= self.camera_dropout <= 1:
             raise ValueError("rule.camera_free_weight and rule.camera_dropout must be in [0, 1]")
+        check_camera_guidance(self)
         return VSDRule(self)
 
 
@@ -166,7 +167,9 @@ class VSDRule(Rule):
         camera = camera_vectors(cameras, b, x.device)
         with torch.no_grad():
             x_t = diffusion.add_noise(x.detach(), noise, t, prior.alphas_cumprod)
-            eps, _, eps_cond = predict_guided(prior, x_t, t, cond, uncond, cameras, c.guidance_scale)
+            eps, _, eps_cond = predict_guided(
+                prior, x_t, t, cond, uncond, cameras, c.guidance_scale, camera_scale=c.camera_guidance_scale
+            )
             eps_phi = eps_cond + self.particle_residual(x_t, t, camera, prior)
         weight = diffusion.sds_weight(prior.alphas_cumprod[t], c.weighting)
         loss, grad_norm = finish(c, x, diffusion.sds_gradient(eps, eps_phi, weight), step_ratio)
