@@ -233,7 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     compile = args.compile == "yes" or (args.compile == "auto" and args.device.startswith("cuda"))
     if args.model and args.arch:
         raise UserError("--model and --arch are two ways to name the prior: give one")
-    rows = []
+    rows: list[dict] = []
+    sequential: dict | None = None
+    name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+
+    def report() -> None:  # after every measurement: a bench killed at its time limit keeps what it measured
+        write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,
+                               "steps": args.steps, "compile": compile, "preset": args.preset,
+                               "model": None if args.arch else args.model, "arch": args.arch,
+                               "stackable_changes": changes, "sequential": sequential, "batch": rows})  # fmt: skip
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = str(random_model_folder(args.arch, work / args.arch)) if args.arch else args.model
@@ -245,14 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if sequential:
             print(f"sequential: {sequential}", flush=True)
+            report()
         for k in scenes:
             rows.append(measure_batch(k, max(k, args.prompts_min), config, work))
             print(rows[-1], flush=True)
-    name = args.name or f"batch_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
-    write(args.out, name, {"command": command, "machine": describe_machine(), "device": args.device,
-                           "steps": args.steps, "compile": compile, "preset": args.preset,
-                           "model": None if args.arch else args.model, "arch": args.arch,
-                           "stackable_changes": changes, "sequential": sequential, "batch": rows})  # fmt: skip
+            report()
     return 0
 
 
