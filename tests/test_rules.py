@@ -129,6 +129,18 @@ def test_rule_flag_and_listing(capsys):
     assert "sds" in listing and "literal" in listing and "arXiv:2209.14988" in listing
 
 
+def test_camera_guidance_flag(capsys):
+    from sds3d.cli import _resolve_config, build_parser, main
+
+    args = build_parser().parse_args(["generate", "a red cube", "--camera-guidance", "4", "--rule", "ism"])
+    config = _resolve_config(args)
+    assert config.rule.kind == "ism" and config.rule.camera_guidance_scale == 4.0
+    assert main(["generate", "a red cube", "--camera-guidance", "-1"]) == 2
+    assert main(["generate", "a red cube", "--rule", "perp-neg", "--camera-guidance", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "≥ 0" in err[0] and "perp-neg rule has no camera guidance" in err[1]
+
+
 def test_the_literal_rule_trains_through_the_denoiser(tmp_path):
     """A literal run reports its loss under its own name and moves the scene."""
     from sds3d.config import preset

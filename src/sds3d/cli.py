@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_run", type=Path, metavar="RUN_DIR",
         help="refine the mesh of a finished run (the refine preset unless --preset; PROMPT defaults to the run's)",
     )  # fmt: skip
+    g.add_argument(
+        "--camera-guidance", type=float, metavar="S_C",
+        help="camera guidance: add S_C × what the camera changes in the prior's prediction (a camera-conditioned "
+        "prior; against the Janus problem, benchmarks/janus.md; default: the preset's, 0)",
+    )  # fmt: skip
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the preset's)")
     g.add_argument("--seed", type=_seed, help="random seed, 0…2^64−1 (default: the preset's, 0)")
     g.add_argument(
@@ -227,6 +232,8 @@ def _resolve_config(args: argparse.Namespace):
                 config.guidance = GUIDANCE_KINDS[prior]()
         if args.rule is not None:
             config.rule = with_rule(config.rule, args.rule)  # the preset's t, w(t) and CFG
+        if getattr(args, "camera_guidance", None) is not None:
+            config.rule = dataclasses.replace(config.rule, camera_guidance_scale=args.camera_guidance)
         if args.seed is not None:
             config.seed = args.seed
         if from_run is not None:

@@ -375,6 +375,10 @@ def check_config(config: RunConfig, where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}.background.kind must be solid with a mesh")
         if config.mesh.supersample < 1:
             raise ConfigError(f"{where}.mesh.supersample must be 1 or more, not {config.mesh.supersample}")
+    try:  # the rule's own checks (its build refuses values it cannot use)
+        config.rule.build()
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return config
 
 
