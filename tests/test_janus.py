@@ -160,6 +160,11 @@ def test_bench_conditions_switch_a_learned_priors_camera_input():
     ]
     with pytest.raises(UserError, match="no camera conditioning"):
         CONDITIONS["camera"](base_config(0.75, "cpu", None, "gaussian"))
+    assert (
+        CONDITIONS["camera"](base_config(0.75, "cpu", None, "default", "runs/p")).guidance.model == "runs/p"
+    )
+    with pytest.raises(UserError, match="--model is for a preset with a diffusers prior"):
+        base_config(0.75, "cpu", None, "empirical", "runs/p")
 
 
 def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
@@ -210,6 +215,8 @@ def test_bench_janus_runs_reports_and_combines(tmp_path, capsys):
 
     write_janus_report(tmp_path, "learned", {**a, "preset": "default", "front_share": None, "summary": None})
     assert "Prior: the `default` preset's." in (tmp_path / "learned.md").read_text()
+    write_janus_report(tmp_path, "own", {**a, "preset": "default", "model": "runs/p", "front_share": None})
+    assert "Prior: the `default` preset's, its model `runs/p`." in (tmp_path / "own.md").read_text()
 
 
 @pytest.mark.parametrize("obj", fronted_objects(), ids=lambda o: o.shape)

@@ -83,13 +83,21 @@ CONDITIONS: dict[str, Callable[[RunConfig], RunConfig]] = {
 
 
 def base_config(
-    front_share: float, device: str, steps: int | None, preset_name: str = "empirical"
+    front_share: float,
+    device: str,
+    steps: int | None,
+    preset_name: str = "empirical",
+    model: str | None = None,
 ) -> RunConfig:
     """`preset_name` on `device`; the empirical prior's image sets front-biased by `front_share` (a
-    learned prior's bias is whatever its training data had)."""
+    learned prior's bias is whatever its training data had); `model` replaces a diffusers prior's."""
     if not 0.0 <= front_share <= 1.0:
         raise UserError(f"--front-share must be in [0, 1], not {front_share}")
     config = dataclasses.replace(preset(preset_name), device=device, validate_every=0)
+    if model is not None:
+        if not isinstance(config.guidance, DiffusersGuidanceConfig):
+            raise UserError(f"--model is for a preset with a diffusers prior, not {preset_name!r}")
+        config.guidance = dataclasses.replace(config.guidance, model=model)
     if isinstance(config.guidance, EmpiricalPriorGuidanceConfig):
         views = dataclasses.replace(config.guidance.views, front_view_share=front_share)
         config = dataclasses.replace(config, guidance=dataclasses.replace(config.guidance, views=views))
@@ -136,7 +144,7 @@ def run_condition(
     return rows
 
 
-SAME = ("preset", "steps", "front_share", "seeds", "prompts", "device")
+SAME = ("preset", "model", "steps", "front_share", "seeds", "prompts", "device")
 
 
 def combine(paths: list[Path]) -> dict:
@@ -151,6 +159,7 @@ def combine(paths: list[Path]) -> dict:
             raise UserError(f"{path}: not a report of this benchmark ({type(err).__name__}: {err})") from None
         if isinstance(data, dict):
             data.setdefault("preset", "empirical")  # reports from before --preset
+            data.setdefault("model", None)  # … and before --model
         if not isinstance(data, dict) or not {*SAME, "results", "command", "machine", "date"} <= set(data):
             raise UserError(f"{path}: not a report of `sds3d bench janus`")
         reports.append(data)
@@ -207,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="empirical",
                         help="the preset every run starts from (default: empirical; a learned prior must know fronts)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="override the preset's steps")
+    parser.add_argument(
+        "--model", help="the preset's diffusers prior instead (a folder, e.g. a retrained prior)"
+    )
     parser.add_argument("--camera-guidance", type=float, default=CAMERA_GUIDANCE, metavar="S_C",
                         help=f"s_c of the camera-guidance condition (default {CAMERA_GUIDANCE:g})")  # fmt: skip
     parser.add_argument("--prompts", help="comma-separated fronted world prompts (default: all)")
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"not fronted world prompts: {', '.join(map(repr, bad))} (e.g. {fronted_objects()[0].prompt!r})"
             )
-    base = base_config(args.front_share, args.device, args.steps, args.preset)
+    base = base_config(args.front_share, args.device, args.steps, args.preset, args.model)
     seeds = list(range(args.seeds))
     results: dict[str, list[dict]] = {}
     strips: list[np.ndarray] = []
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {summarise(rows)}", flush=True)
     report = {
         "command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-        "device": args.device, "preset": args.preset, "steps": base.steps, "seeds": seeds,
+        "device": args.device, "preset": args.preset, "model": args.model, "steps": base.steps, "seeds": seeds,
         "front_share": args.front_share if isinstance(base.guidance, EmpiricalPriorGuidanceConfig) else None,
         "prompts": prompts, "camera_guidance_scale": args.camera_guidance, "results": results, "image": str(args.image) if args.image and strips else None,
     }  # fmt: skip
@@ -301,7 +313,8 @@ def write_janus_report(out: Path, name: str, report: dict) -> None:
         "",
         (f"Prior: the `empirical` preset (exact denoiser of ground-truth renders), {share:.0%} of each object's "
          "renders from the front (|azimuth| < 45°). " if share is not None else
-         f"Prior: the `{report.get('preset', 'empirical')}` preset's. ") +
+         f"Prior: the `{report.get('preset', 'empirical')}` preset's"
+         + (f", its model `{report['model']}`. " if report.get("model") else ". ")) +
         "Per exported mesh "
         "(`world.metrics.janus`): faces coloured nearer the front's colour than the body's, per 45° azimuth sector; "
         "a sector shows the front at ≥ 30% of its area. Janus: the front on more than one side (≥ 2 runs of "
