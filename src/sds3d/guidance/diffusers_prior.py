@@ -41,7 +41,11 @@ from sds3d.guidance.base import Prior, resize_to
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Models that ship inside the package, named like hub ids; they resolve to their folder and load
 # through the same `from_pretrained` calls as any other folder.
-BUILTIN_MODELS = {"sds3d/world-prior-32": Path(__file__).parents[1] / "prior" / "weights" / "world-prior-32"}
+_WEIGHTS = Path(__file__).parents[1] / "prior" / "weights"
+# The default prior, and its fine-tune on world v2's fronted objects (its README: the model card).
+BUILTIN_MODELS = {
+    name: _WEIGHTS / name.split("/")[1] for name in ("sds3d/world-prior-32", "sds3d/world-prior-32-fronts")
+}
 BUILTIN_PRIOR = "sds3d/world-prior-32"
 
 
@@ -262,10 +266,12 @@ class DiffusersGuidance(Prior):
         vocab = self.tokenizer.get_vocab()
         unknown = [w for w in re.findall(r"[a-z]+", text.lower()) if f"{w}</w>" not in vocab]
         if unknown:
+            forms = '"a {colour} {shape}", e.g. "a blue torus"'
+            if "with</w>" in vocab:
+                forms += ', or "a {colour} {shape} with a {colour} front"'
             raise UserError(
                 f"the built-in prior {self.config.model} knows only the synthetic-world prompts "
-                f'("a {{colour}} {{shape}}", e.g. "a blue torus"), not the word(s) {", ".join(unknown)}; '
-                "pass --model for another diffusers model"
+                f"({forms}), not the word(s) {', '.join(unknown)}; pass --model for another diffusers model"
             )
 
     @staticmethod

@@ -70,6 +70,10 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     `snapshots`: also write the diffusers folder as `out/pipeline-step<N>` when step N is reached
     (the prior at several points of its training, for `sds3d study`'s prior axis).
     """
+    steps_t = int(DDPM_SCHEDULER_CONFIG["num_train_timesteps"])
+    if not 0.0 <= config.fronted_high_t_share <= 1.0 or not 0 <= config.high_t_from < steps_t:
+        raise ValueError(f"fronted_high_t_share must be in [0, 1] and high_t_from in [0, {steps_t}), "
+                         f"not {config.fronted_high_t_share} and {config.high_t_from}")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -103,9 +107,6 @@ def train_prior(config: PriorTrainConfig, out: Path, device: str = "cpu", resume
     images = dataset.images.to(device)
     data_seconds = time.perf_counter() - t0
     abar = alphas_cumprod_from_config(DDPM_SCHEDULER_CONFIG).to(device)
-    if not 0.0 <= config.fronted_high_t_share <= 1.0 or not 0 <= config.high_t_from < abar.shape[0]:
-        raise ValueError(f"fronted_high_t_share must be in [0, 1] and high_t_from in [0, {abar.shape[0]}), "
-                         f"not {config.fronted_high_t_share} and {config.high_t_from}")  # fmt: skip
     fronted = torch.tensor([o.front is not None for o in dataset.objects])
     token_cache: dict[str, torch.Tensor] = {}
     amp = device.startswith("cuda")
