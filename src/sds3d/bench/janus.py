@@ -122,11 +122,12 @@ def run_condition(
         config, prompts, seeds, work, len(prompts) * len(seeds), progress=False, log=lambda *a: None
     )
     seconds = (time.perf_counter() - t0) / max(len(items), 1)
-    trained = [i for i in items if i.train_wall_s is not None and i.export_wall_s is not None]
-    if trained and len(trained) == len(items):
+    walls = [(i.train_wall_s, i.export_wall_s) for i in items]
+    timed = [(a, b) for a, b in walls if a is not None and b is not None]
+    if timed and len(timed) == len(items):
         # All of a condition's runs train as one wave: its wall time shared, plus each run's export. Read
         # from the batch's index, so a condition resumed after a kill keeps the time it took.
-        seconds = (max(i.train_wall_s for i in trained) + sum(i.export_wall_s for i in trained)) / len(items)  # type: ignore[misc,type-var]
+        seconds = (max(a for a, _ in timed) + sum(b for _, b in timed)) / len(items)
     rows = []
     for item in items:
         obj = parse_prompt(item.prompt)
