@@ -247,3 +247,21 @@ def test_prior_accuracy_fronts_check_samples_both_cameras(tiny_pixel_model):
     assert [r["ground_truth_shows_front"] for r in rows] == [1.0, 0.0]
     assert all(r["samples"] == 2 * len(fronted_objects()) for r in rows)
     assert images.shape[0] == 4 * len(fronted_objects()) and 0 <= min(r["shows_front"] for r in rows) <= 1
+
+
+def test_a_resumed_condition_keeps_its_seconds_from_the_batch_index(monkeypatch, tmp_path):
+    """A condition's runs train as one wave: seconds per run = (the wave's wall time + the exports) / n,
+    read from the batch's items, not from how long this (resumed) call took."""
+    import sds3d.batch
+    from sds3d.batch import BatchItem
+    from sds3d.bench.janus import base_config, run_condition
+
+    prompt = fronted_objects()[0].prompt
+    items = [BatchItem(prompt, s, tmp_path / f"r{s}", "failed", "boom", 120.0, 1.0 + s) for s in range(4)]
+    monkeypatch.setattr(sds3d.batch, "run_batch", lambda *a, **k: items)
+    rows = run_condition(base_config(0.75, "cpu", 3), [prompt], [0, 1, 2, 3], tmp_path)
+    assert [r["seconds"] for r in rows] == [pytest.approx((120 + 1 + 2 + 3 + 4) / 4, abs=0.05)] * 4
+    items[
+        0
+    ].train_wall_s = None  # not all timed (a run from before the index kept times): the call's own wall time
+    assert run_condition(base_config(0.75, "cpu", 3), [prompt], [0, 1, 2, 3], tmp_path)[0]["seconds"] < 5

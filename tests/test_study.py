@@ -134,6 +134,8 @@ def test_the_committed_cells_keep_their_keys():
     assert study.config_key(base) == "71dc6ae95b4e3a3c"
     gaussians = dataclasses.replace(base, representation="gaussians")
     assert study.config_key(gaussians) != study.config_key(base)
+    guided = dataclasses.replace(base, rule=dataclasses.replace(base.rule, camera_guidance_scale=5.0))
+    assert study.config_key(guided) != study.config_key(base)  # a later field counts once it is set
     # the Gaussians' own settings count only when Gaussians train
     other = dataclasses.replace(base.gaussians, num_init=7)
     assert study.config_key(dataclasses.replace(base, gaussians=other)) == study.config_key(base)

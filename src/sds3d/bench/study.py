@@ -85,7 +85,7 @@ ALIASES = {"weighting": "rule.weighting", "t_schedule": "rule.t_schedule", "cfg"
 NOT_IN_KEY = ("device", "validate_every", "checkpoint_every", "prompt", "seed")
 # Fields added after cells were measured, left out of the key while they hold the value that every
 # earlier cell implicitly had, so committed cells stay found (`tests/test_study.py` pins a key).
-KEY_SINCE_ADDED = {"representation": "nerf"}
+KEY_SINCE_ADDED = {"representation": "nerf", "rule.camera_guidance_scale": 0.0}
 # A representation's own section is part of the key only when that representation trains.
 REPRESENTATION_SECTIONS = {"gaussians": "gaussians", "mesh": "mesh"}
 
@@ -206,9 +206,13 @@ def points(spec: StudySpec) -> list[tuple[Point, RunConfig]]:
 
 def config_key(config: RunConfig) -> str:
     data = {k: v for k, v in to_dict(config).items() if k not in NOT_IN_KEY}
-    for name, implicit in KEY_SINCE_ADDED.items():
-        if data.get(name) == implicit:
-            del data[name]
+    for name, implicit in KEY_SINCE_ADDED.items():  # dotted: a field of a section
+        *sections, field_name = name.split(".")
+        holder: Any = data
+        for section in sections:
+            holder = holder.get(section) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and field_name in holder and holder[field_name] == implicit:
+            del holder[field_name]
     for section, representation in REPRESENTATION_SECTIONS.items():
         if config.representation != representation:
             data.pop(section, None)
