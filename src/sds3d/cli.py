@@ -7,8 +7,12 @@ Exit codes: 0 done, 2 bad input or a run that diverged (one line on stderr, no t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sds3d.errors import UserError
@@ -447,11 +451,37 @@ def _quote(text: str) -> str:
     return shlex.quote(text)
 
 
+def _interrupted_while_importing(signum, frame):  # noqa: ARG001 (a signal handler's signature)
+    print("sds3d: interrupted", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _ctrl_c_quits_at_once():
+    """While the parser imports torch, numpy and scipy nothing is written yet, so Ctrl-C quits at once.
+
+    A KeyboardInterrupt raised inside a half-done `import numpy…` can leave numpy's lazy attributes
+    recursing forever (a RecursionError and a traceback instead of "interrupted"); quitting from the
+    signal handler never lets the import see the interrupt."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        yield
+        return
+    before = signal.signal(signal.SIGINT, _interrupted_while_importing)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "presets": cmd_presets, "rules": cmd_rules,
                 "prior": cmd_prior, "bench": cmd_bench, "study": cmd_study, "batch": cmd_batch, "app": cmd_app}  # fmt: skip
     try:
-        args = build_parser().parse_args(argv)
+        with _ctrl_c_quits_at_once():
+            args = build_parser().parse_args(argv)
         return commands[args.command](args)
     except UserError as err:
         print(f"sds3d: error: {err}", file=sys.stderr)
