@@ -65,3 +65,39 @@ def test_quality_rule_must_be_known(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--rule", "nope", "--limit", "1"])
     assert "unknown rule 'nope'" in capsys.readouterr().err
+
+
+def test_quality_model_and_camera_guidance_reach_every_run_and_the_report(tmp_path, monkeypatch):
+    from sds3d.bench import quality
+
+    seen = []
+
+    def fake_run(config, workdir, rows=None):
+        seen.append(config)
+        return {"prompt": config.prompt, "held_out": False, "shape": "cube", "shape_ok": True, "color": "green",
+                "color_ok": True, "iou": 0.5, "psnr": 20.0, "seconds": 1.0, "faces": 10}  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_prompt", fake_run)
+    argv = ["bench", "quality", "--prompts", "a green cube,a red cone", "--model", "sds3d/world-prior-32-fronts",
+            "--camera-guidance", "2.5", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert [c.guidance.model for c in seen] == ["sds3d/world-prior-32-fronts"] * 2
+    assert [c.rule.camera_guidance_scale for c in seen] == [2.5, 2.5]
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert report["model"] == "sds3d/world-prior-32-fronts" and report["camera_guidance_scale"] == 2.5
+    assert "camera guidance s_c = 2.5" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [(["--rule", "csd", "--camera-guidance", "2"], "camera guidance"),
+     (["--camera-guidance", "-1"], "must be ≥ 0"),
+     (["--preset", "empirical", "--model", "x"], "diffusers prior")],
+)  # fmt: skip
+def test_quality_bad_model_or_camera_guidance_is_one_line(capsys, extra, needle):
+    try:
+        rc = main(["bench", "quality", "--limit", "1", *extra])
+    except SystemExit as exit_info:
+        rc = exit_info.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err

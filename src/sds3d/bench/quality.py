@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sds3d.bench.report import describe_machine, write_report
-from sds3d.config import RunConfig, preset
+from sds3d.config import RunConfig, check_config, preset
 from sds3d.errors import UserError
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
 from sds3d.prior.data import HELD_OUT
@@ -167,7 +167,8 @@ def combine(paths: list[Path]) -> dict:
             raise UserError(f"--combine: cannot read {path} ({err})") from None
         if not isinstance(reports[-1], dict) or "results" not in reports[-1]:
             raise UserError(f"--combine: {path} is not a report of `sds3d bench quality`")
-    keys = ("preset", "rule", "steps", "seed", "model")
+        reports[-1].setdefault("camera_guidance_scale", 0.0)  # reports from before --camera-guidance
+    keys = ("preset", "rule", "steps", "seed", "model", "camera_guidance_scale")
     if len({tuple(r.get(k) for k in keys) for r in reports}) > 1:
         raise UserError(f"--combine: the reports differ in {', '.join(keys)}")
     results: dict[str, list[dict]] = {}
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rule", default="sds", help="the distillation rule (`sds3d rules`), the preset's settings"
     )
+    parser.add_argument(
+        "--model",
+        help="the preset's diffusers prior instead (a folder or a built-in name, e.g. sds3d/world-prior-32-fronts)",
+    )
+    parser.add_argument("--camera-guidance", type=float, default=None, metavar="S_C",
+                        help="the rule's camera guidance s_c (default: the preset's)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--name", default="quality", help="report file name (without .md/.json)")
@@ -256,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
     base = dataclasses.replace(preset(args.preset), device=args.device)
     base.rule = with_rule(base.rule, args.rule)
+    if args.model is not None:
+        if not isinstance(base.guidance, DiffusersGuidanceConfig):
+            raise UserError(f"--model is for a preset with a diffusers prior, not {args.preset!r}")
+        base.guidance = dataclasses.replace(base.guidance, model=args.model)
+    if args.camera_guidance is not None:
+        if args.camera_guidance < 0:
+            raise UserError(f"--camera-guidance must be ≥ 0, not {args.camera_guidance}")
+        base.rule = dataclasses.replace(base.rule, camera_guidance_scale=args.camera_guidance)
+    check_config(base)  # the rule's own checks (a rule that refuses camera guidance): one line
     if args.steps is not None:
         base = dataclasses.replace(base, steps=args.steps)
     results: dict[str, list[dict]] = {}
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         imageio.imwrite(args.image, np.concatenate(strips, axis=0))
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
               "preset": args.preset, "rule": args.rule, "steps": base.steps, "model": getattr(base.guidance, "model", None),
-              "seed": args.seed, "results": results}  # fmt: skip
+              "camera_guidance_scale": base.rule.camera_guidance_scale, "seed": args.seed, "results": results}  # fmt: skip
     write_quality_report(args.out, args.name, report)
     return 0
 
@@ -295,7 +311,9 @@ def write_quality_report(out: Path, name: str, report: dict) -> None:
     machine = report["machine"]
     lines = [
         f"# 3D quality against the ground truth: the {preset_name} preset with the learned prior"
-        + ("" if rule == "sds" else f", rule {rule}"),
+        + ("" if rule == "sds" else f", rule {rule}")
+        + (f", prior `{report['model']}`" if report.get("model") else "")
+        + (f", camera guidance s_c = {report['camera_guidance_scale']:g}" if report.get("camera_guidance_scale") else ""),
         "",
         f"Command: `{report['command']}` ({report['date']}), seed {seed}, {steps} steps per prompt  ",
         *([f"Shards: {', '.join(f'`{c}`' for c in report['shards'])}  "] if "shards" in report else []),
