@@ -30,7 +30,8 @@ test: lint
 # CPU benchmarks (this machine): about 3.5 hours in all on 2 cores.
 bench: $(STAMP)
 	$(PY) -m sds3d.bench.cpu_step --out benchmarks
-	$(PY) -m sds3d.cli bench quality --out benchmarks --image docs/gallery.png
+	$(PY) -m sds3d.cli bench quality --model sds3d/world-prior-32-fronts --camera-guidance 5 --out benchmarks \
+		--name quality_fronts --image docs/gallery_fronts.png
 	$(PY) -m sds3d.cli bench quality --steps 400 --out benchmarks --name quality_400_steps
 	$(PY) -m sds3d.cli bench quality --quick --steps 400 --variants no-camera,no-view-prompts \
 		--name quality_ablation --out benchmarks
@@ -68,7 +69,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m sds3d.cli bench quality --quick --steps 800 --device cuda --out benchmarks --name quality_quick_800_h100
 
 gallery: $(STAMP)
-	$(PY) -m sds3d.cli bench quality --quick --name quality_quick --image docs/gallery.png --out benchmarks
+	$(PY) -m sds3d.cli bench quality --quick --name quality_quick --image docs/gallery_fronts.png --out runs/gallery
 
 clean:
 	rm -rf .venv outputs .pytest_cache .ruff_cache .mypy_cache

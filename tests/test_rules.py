@@ -79,6 +79,7 @@ def test_timesteps_and_cameras_follow_the_runs_seed(tmp_path):
         config.camera.width = config.camera.height = 8
         config.renderer.num_samples = 4
         config = dataclasses.replace(config, prompt="a red cube", seed=seed, steps=3, validate_every=0)
+        config.rule.camera_guidance_scale = 0.0  # one prior call a step
         prior = StubPrior()
         train(config, tmp_path / name, progress=False, prior=prior)
         return prior.seen
@@ -579,10 +580,24 @@ def test_camera_guidance_adds_its_scale_times_what_the_camera_changes(name):
 def test_rules_without_camera_guidance_refuse_it(name):
     from sds3d.rules import with_rule
 
-    config = with_rule(SDSRuleConfig(camera_guidance_scale=2.0), name)
+    # with_rule leaves these rules at s_c = 0 (a preset's s_c does not carry over); set by hand, refused
+    config = dataclasses.replace(with_rule(SDSRuleConfig(), name), camera_guidance_scale=2.0)
     if name == "csd":
         config.kind = "csd"
     with pytest.raises(ValueError, match="camera guidance"):
         config.build()
     with pytest.raises(ValueError, match="≥ 0"):
         with_rule(SDSRuleConfig(camera_guidance_scale=-1.0), "sds").build()
+
+
+def test_a_rule_without_camera_guidance_drops_the_presets_s_c_and_the_others_keep_it():
+    from sds3d.config import check_config, preset
+    from sds3d.rules import RULES, with_rule
+
+    base = preset("default")
+    assert base.rule.camera_guidance_scale == 5.0  # the default preset's (issue 15)
+    for name in RULES:
+        config = dataclasses.replace(base, rule=with_rule(base.rule, name))
+        expected = 0.0 if name in ("csd", "nfsd", "perp-neg") else 5.0
+        assert config.rule.camera_guidance_scale == expected, name
+        check_config(config)  # `sds3d generate --rule NAME` on the default preset is not refused

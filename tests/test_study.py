@@ -330,7 +330,8 @@ def test_cross_report_is_a_grid_with_a_heatmap(tmp_path):
 def test_prior_axis_is_plotted_against_prior_accuracy(tmp_path):
     for name, acc in (("a", 0.2), ("b", 0.9), ("shipped", 0.95)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [{"samples": 10, "shape_accuracy": acc}]}))
-    text = (f"name='p'\nseeds=1\nprompts=['a red cube']\n[axes]\nprior=['runs/a', 'runs/b']\n"
+    text = (f"name='p'\nseeds=1\nprompts=['a red cube']\n[base]\n'guidance.model'='sds3d/world-prior-32'\n"
+            f"[axes]\nprior=['runs/a', 'runs/b']\n"
             f"[prior_accuracy]\n'runs/a'='{tmp_path / 'a.json'}'\n'runs/b'='{tmp_path / 'b.json'}'\n"
             f"'sds3d/world-prior-32'='{tmp_path / 'shipped.json'}'\n")  # fmt: skip
     spec = study.load_spec(_spec(tmp_path, text))

@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_mesh_run
 from sds3d.config import PRESETS, RunConfig, load_config, preset, save_config, to_dict
-from sds3d.guidance.diffusers_prior import BUILTIN_PRIOR
+from sds3d.guidance.diffusers_prior import BUILTIN_MODELS
 from sds3d.train import CHECKPOINT, DivergedError, load_scene, train
 
 
@@ -87,7 +87,9 @@ def test_divergence_stops_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # The SD and IF presets need hub weights; test_latent_prior runs their recipes with local stand-ins.
-OFFLINE_PRESETS = [n for n in PRESETS if getattr(preset(n).guidance, "model", BUILTIN_PRIOR) == BUILTIN_PRIOR]
+OFFLINE_PRESETS = [
+    n for n in PRESETS if getattr(preset(n).guidance, "model", "sds3d/world-prior-32") in BUILTIN_MODELS
+]
 
 
 @pytest.mark.parametrize("name", OFFLINE_PRESETS)

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a NeRF for PROMPT by score distillation, then write mesh.glb/.ply/.obj, turntable.gif "
             "and summary.json. The default prior is sds3d's own learned prior of the synthetic world "
-            "(sds3d/world-prior-32, shipped in the package), so PROMPT must read "
-            '"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}". '
+            "(sds3d/world-prior-32-fronts, shipped in the package), so PROMPT must read "
+            '"a {red|orange|yellow|green|blue|purple} {sphere|cube|cylinder|cone|torus}", optionally '
+            '"... with a {colour} front". '
             "With --model (a diffusers folder or hub id) any text prompt goes to Stable Diffusion, "
             "DeepFloyd IF or another diffusers U-Net pipeline; see `sds3d presets` for their recipes."
         ),

@@ -46,7 +46,8 @@ _WEIGHTS = Path(__file__).parents[1] / "prior" / "weights"
 BUILTIN_MODELS = {
     name: _WEIGHTS / name.split("/")[1] for name in ("sds3d/world-prior-32", "sds3d/world-prior-32-fronts")
 }
-BUILTIN_PRIOR = "sds3d/world-prior-32"
+BUILTIN_PRIOR = "sds3d/world-prior-32"  # the first built-in prior (the Gaussians and refine presets)
+FRONTS_PRIOR = "sds3d/world-prior-32-fronts"  # fine-tuned to know where a front is (the default preset)
 
 
 def resolve_model(model: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from sds3d.rules.guided import NFSDRuleConfig, PerpNegRuleConfig
 from sds3d.rules.inversion import ISMRuleConfig, SDIRuleConfig
@@ -86,7 +86,12 @@ RULE_CONFIGS: dict[str, type] = {
     "esd": ESDRuleConfig,
 }
 # Settings the rule's paper fixes, applied when switching to it (a study can still override them).
-PAPER_SETTINGS: dict[str, dict[str, str]] = {"sjc": {"weighting": "sjc"}, "ism": {"weighting": "ism"}}
+# The rules that rewrite CFG have no camera guidance: a preset's s_c does not carry over to them.
+NO_CAMERA_GUIDANCE = {"camera_guidance_scale": 0.0}
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "sjc": {"weighting": "sjc"}, "ism": {"weighting": "ism"},
+    "csd": NO_CAMERA_GUIDANCE, "nfsd": NO_CAMERA_GUIDANCE, "perp-neg": NO_CAMERA_GUIDANCE,
+}  # fmt: skip
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(SDSRuleConfig) if f.name != "kind")
 
 
