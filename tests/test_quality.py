@@ -78,13 +78,13 @@ def test_quality_model_and_camera_guidance_reach_every_run_and_the_report(tmp_pa
                 "color_ok": True, "iou": 0.5, "psnr": 20.0, "seconds": 1.0, "faces": 10}  # fmt: skip
 
     monkeypatch.setattr(quality, "run_prompt", fake_run)
-    argv = ["bench", "quality", "--prompts", "a green cube,a red cone", "--model", "sds3d/world-prior-32-fronts",
+    argv = ["bench", "quality", "--prompts", "a green cube,a red cone", "--model", "sds3d/world-prior-32",
             "--camera-guidance", "2.5", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
-    assert [c.guidance.model for c in seen] == ["sds3d/world-prior-32-fronts"] * 2
+    assert [c.guidance.model for c in seen] == ["sds3d/world-prior-32"] * 2  # not the preset's own
     assert [c.rule.camera_guidance_scale for c in seen] == [2.5, 2.5]
     report = json.loads((tmp_path / "quality.json").read_text())
-    assert report["model"] == "sds3d/world-prior-32-fronts" and report["camera_guidance_scale"] == 2.5
+    assert report["model"] == "sds3d/world-prior-32" and report["camera_guidance_scale"] == 2.5
     assert "camera guidance s_c = 2.5" in (tmp_path / "quality.md").read_text()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from sds3d.bench.report import describe_machine, write_report
+from sds3d.bench.report import describe_machine, with_model, write_report
 from sds3d.config import DiffusersGuidanceConfig, RunConfig, preset
 from sds3d.errors import UserError
 from sds3d.world.shapes import all_objects
@@ -76,10 +76,7 @@ def batch_config(
     from sds3d.representations.nerf_stack import stack_problem
 
     config = dataclasses.replace(preset(preset_name), device=device, steps=steps, validate_every=0)
-    if model is not None:
-        if not isinstance(config.guidance, DiffusersGuidanceConfig):
-            raise UserError(f"--model is for a preset with a diffusers prior, not {preset_name!r}")
-        config.guidance = dataclasses.replace(config.guidance, model=model)
+    config = with_model(config, model, preset_name)
     if isinstance(config.guidance, DiffusersGuidanceConfig):
         config.guidance = dataclasses.replace(
             config.guidance,

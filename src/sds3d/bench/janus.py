@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sds3d.bench.report import describe_machine, write_report
+from sds3d.bench.report import describe_machine, with_model, write_report
 from sds3d.config import RunConfig, preset
 from sds3d.errors import UserError
 from sds3d.guidance.analytic import EmpiricalPriorGuidanceConfig
@@ -94,10 +94,7 @@ def base_config(
     if not 0.0 <= front_share <= 1.0:
         raise UserError(f"--front-share must be in [0, 1], not {front_share}")
     config = dataclasses.replace(preset(preset_name), device=device, validate_every=0)
-    if model is not None:
-        if not isinstance(config.guidance, DiffusersGuidanceConfig):
-            raise UserError(f"--model is for a preset with a diffusers prior, not {preset_name!r}")
-        config.guidance = dataclasses.replace(config.guidance, model=model)
+    config = with_model(config, model, preset_name)
     if isinstance(config.guidance, EmpiricalPriorGuidanceConfig):
         views = dataclasses.replace(config.guidance.views, front_view_share=front_share)
         config = dataclasses.replace(config, guidance=dataclasses.replace(config.guidance, views=views))

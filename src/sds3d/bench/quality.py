@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sds3d.bench.report import describe_machine, write_report
+from sds3d.bench.report import describe_machine, with_model, write_report
 from sds3d.config import RunConfig, check_config, preset
 from sds3d.errors import UserError
 from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
@@ -263,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rule {args.rule!r}; choose from {', '.join(RULES)}")
     base = dataclasses.replace(preset(args.preset), device=args.device)
     base.rule = with_rule(base.rule, args.rule)
-    if args.model is not None:
-        if not isinstance(base.guidance, DiffusersGuidanceConfig):
-            raise UserError(f"--model is for a preset with a diffusers prior, not {args.preset!r}")
-        base.guidance = dataclasses.replace(base.guidance, model=args.model)
+    base = with_model(base, args.model, args.preset)
     if args.camera_guidance is not None:
         if args.camera_guidance < 0:
             raise UserError(f"--camera-guidance must be ≥ 0, not {args.camera_guidance}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -38,3 +39,16 @@ def write_report(out_dir: Path, name: str, result: dict[str, Any], lines: list[s
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def with_model(config: Any, model: str | None, preset_name: str) -> Any:
+    """The benchmarks' `--model`: `config` (a RunConfig) with `model` as its diffusers prior; None keeps
+    the preset's. A preset without a diffusers prior: one line."""
+    from sds3d.errors import UserError
+    from sds3d.guidance.diffusers_prior import DiffusersGuidanceConfig
+
+    if model is None:
+        return config
+    if not isinstance(config.guidance, DiffusersGuidanceConfig):
+        raise UserError(f"--model is for a preset with a diffusers prior, not {preset_name!r}")
+    return dataclasses.replace(config, guidance=dataclasses.replace(config.guidance, model=model))

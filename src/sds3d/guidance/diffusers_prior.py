@@ -41,13 +41,11 @@ from sds3d.guidance.base import Prior, resize_to
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Models that ship inside the package, named like hub ids; they resolve to their folder and load
 # through the same `from_pretrained` calls as any other folder.
-_WEIGHTS = Path(__file__).parents[1] / "prior" / "weights"
-# The default prior, and its fine-tune on world v2's fronted objects (its README: the model card).
-BUILTIN_MODELS = {
-    name: _WEIGHTS / name.split("/")[1] for name in ("sds3d/world-prior-32", "sds3d/world-prior-32-fronts")
-}
 BUILTIN_PRIOR = "sds3d/world-prior-32"  # the first built-in prior (the Gaussians and refine presets)
 FRONTS_PRIOR = "sds3d/world-prior-32-fronts"  # fine-tuned to know where a front is (the default preset)
+# Each one's folder holds its README: the model card.
+_WEIGHTS = Path(__file__).parents[1] / "prior" / "weights"
+BUILTIN_MODELS = {name: _WEIGHTS / name.split("/")[1] for name in (BUILTIN_PRIOR, FRONTS_PRIOR)}
 
 
 def resolve_model(model: str) -> str:
